@@ -1,0 +1,100 @@
+"""SAES-SVD (arXiv 2602.03051): CEALC's blended target with β per layer chosen by ACES."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import replace
+
+from torch import Tensor
+
+from prehab.linalg import LowRankFactors, aces_beta, damped_cholesky, solve_lowrank
+
+from .base import LowRankCompression
+
+__all__ = ["SAESSVD"]
+
+OBJECTIVES = ("ratio", "energy")
+
+
+class SAESSVD(LowRankCompression):
+    """Whiten with ``H = X̂X̂ᵀ`` and approximate ``W((1 − β) H + β C) L⁻ᵀ``: β = 0 is SVD-LLM on the shifted
+    inputs, β = 1 is AA-SVD. With ``beta=None`` each layer's β comes from ACES (closed-form minimizer of
+    the fixed-subspace tail surrogate, with the guardrails of the paper's appendix A.11).
+
+    Args:
+        ratio: fraction of the targeted layers' weight parameters removed, in (0, 1).
+        beta: a fixed β in [0, 1] for every layer, or None for ACES.
+        beta_min: lower end of ACES's search interval.
+        beta_max: upper end of ACES's search interval.
+        objective: ACES objective: ``"ratio"`` (tail / total energy) or ``"energy"`` (tail energy).
+        beta_cap: guardrail: ACES never returns more than this (< 1 prevents over-alignment).
+        beta_shrink: guardrail: ACES's β is multiplied by this factor in (0, 1].
+        targets: see :class:`~prehab.callbacks.LowRankCompression`.
+        calibration_batches: see :class:`~prehab.callbacks.LowRankCompression`.
+        calibration_dataloader: see :class:`~prehab.callbacks.LowRankCompression`.
+        save_dir: see :class:`~prehab.callbacks.LowRankCompression`.
+        blocks: see :class:`~prehab.callbacks.LowRankCompression`.
+        damping: see :class:`~prehab.callbacks.LowRankCompression`.
+        verbose: see :class:`~prehab.callbacks.LowRankCompression`.
+    """
+
+    method = "saes_svd"
+    two_stream = True
+
+    def __init__(
+        self,
+        ratio: float = 0.4,
+        beta: float | None = None,
+        beta_min: float = 0.25,
+        beta_max: float = 0.75,
+        objective: str = "ratio",
+        beta_cap: float = 0.95,
+        beta_shrink: float = 1.0,
+        targets: str | list[str] | None = None,
+        calibration_batches: int = 32,
+        calibration_dataloader: Iterable | None = None,
+        save_dir: str | None = None,
+        blocks: str | None = None,
+        damping: float = 1e-6,
+        verbose: bool = False,
+    ) -> None:
+        super().__init__(
+            ratio, targets, calibration_batches, calibration_dataloader, save_dir, blocks, damping, verbose
+        )
+        if beta is not None and not 0.0 <= beta <= 1.0:
+            raise ValueError(
+                f"beta={beta!r} is invalid: use a value in [0, 1] (0 = SVD-LLM, 1 = AA-SVD) or None for ACES."
+            )
+        if not 0.0 <= beta_min <= beta_max <= 1.0:
+            raise ValueError(
+                f"beta_min={beta_min!r}, beta_max={beta_max!r} are invalid: need 0 <= beta_min <= beta_max <= 1."
+            )
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective={objective!r} is invalid; valid values: {', '.join(map(repr, OBJECTIVES))}.")
+        if not 0.0 < beta_cap <= 1.0:
+            raise ValueError(f"beta_cap={beta_cap!r} is invalid: use a value in (0, 1], e.g. 0.95.")
+        if not 0.0 < beta_shrink <= 1.0:
+            raise ValueError(f"beta_shrink={beta_shrink!r} is invalid: use a value in (0, 1].")
+        self.beta, self.beta_min, self.beta_max = beta, beta_min, beta_max
+        self.objective, self.beta_cap, self.beta_shrink = objective, beta_cap, beta_shrink
+
+    def solve_layer(self, name: str, weight: Tensor, rank: int, stats: dict[str, Tensor]) -> LowRankFactors:
+        h, c = stats["H"], stats["C"]
+        cholesky = damped_cholesky(h, initial_damping=self.damping)
+        beta = self.beta
+        if beta is None:
+            beta = aces_beta(
+                weight,
+                h,
+                c,
+                rank,
+                self.beta_min,
+                self.beta_max,
+                self.objective,
+                self.beta_cap,
+                self.beta_shrink,
+                cholesky=cholesky,
+            ).beta
+        cross = (1.0 - beta) * h.double() + beta * c.double()
+        factors = solve_lowrank(weight, rank, whitening=h, cross=cross, cholesky=cholesky)
+        return replace(factors, beta=beta)

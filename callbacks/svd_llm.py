@@ -1,0 +1,48 @@
+"""SVD-LLM (arXiv 2403.07378): truncation-aware whitening with the input covariance."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import Tensor
+
+from prehab.linalg import LowRankFactors, solve_lowrank
+
+from .base import LowRankCompression
+
+__all__ = ["SVDLLM"]
+
+
+class SVDLLM(LowRankCompression):
+    """SVD of ``W L`` with ``L Lᵀ`` the input covariance: minimizes each layer's output error on its inputs.
+
+    Args:
+        propagate: whiten with the inputs of the *partially compressed* model (``H = X̂X̂ᵀ``, collected
+            block by block with the two-stream pipeline) instead of the original model's (``G = XXᵀ``,
+            one forward pass). It is SAES-SVD with β = 0.
+        **kwargs: see :class:`~prehab.callbacks.LowRankCompression` (``ratio``, ``targets``, ...).
+    """
+
+    method = "svd_llm"
+
+    def __init__(
+        self,
+        ratio: float = 0.4,
+        targets: str | list[str] | None = None,
+        calibration_batches: int = 32,
+        calibration_dataloader: Iterable | None = None,
+        save_dir: str | None = None,
+        blocks: str | None = None,
+        damping: float = 1e-6,
+        verbose: bool = False,
+        propagate: bool = False,
+    ) -> None:
+        super().__init__(
+            ratio, targets, calibration_batches, calibration_dataloader, save_dir, blocks, damping, verbose
+        )
+        self.propagate = propagate
+        self.two_stream = propagate
+
+    def solve_layer(self, name: str, weight: Tensor, rank: int, stats: dict[str, Tensor]) -> LowRankFactors:
+        whitening = stats["H"] if self.propagate else stats["G"]
+        return solve_lowrank(weight, rank, whitening=whitening, initial_damping=self.damping)

@@ -1,0 +1,22 @@
+"""prehab: prepare, compress and recover transformers with low-rank (SVD) factorization."""
+
+from prehab.lowrank import (
+    LowRankCheckpointMixin,
+    LowRankLinear,
+    load_compressed,
+    load_from_checkpoint,
+    save_compressed,
+)
+from prehab.report import CompressionReport, LayerReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CompressionReport",
+    "LayerReport",
+    "LowRankCheckpointMixin",
+    "LowRankLinear",
+    "load_compressed",
+    "load_from_checkpoint",
+    "save_compressed",
+]

@@ -1,0 +1,294 @@
+"""Closed-form low-rank factorization: the one solver behind every compression method.
+
+Pure tensor math, no Lightning. For a layer ``y = W x`` (``W``: out x in) and two calibration input
+streams ``X`` (what the layer sees in the original model) and ``X̂`` (what it sees in the partially
+compressed model), every method solves
+
+    min_{rank(W') <= r} ‖W X − W' X̂‖_F²
+
+from covariances alone: ``H = X̂ X̂ᵀ = L Lᵀ`` (whitening) and a cross term ``K`` (``C = X X̂ᵀ`` for
+AA-SVD, ``H`` for SVD-LLM). With ``M = W K L⁻ᵀ ≈ U_r Σ_r V_rᵀ`` the optimum is
+``up = U_r Σ_r^½`` and ``down = Σ_r^½ V_rᵀ L⁻¹`` (AA-SVD, Theorem 3.1, with the transposes a
+triangular Cholesky factor needs), and the minimum is ``‖WX‖² − ‖M‖² + Σ_{i>r} σ_i(M)²``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "AcesChoice",
+    "CholeskyResult",
+    "aces_beta",
+    "aces_surrogate",
+    "LowRankFactors",
+    "damped_cholesky",
+    "factor_params",
+    "output_error",
+    "rank_from_ratio",
+    "solve_lowrank",
+    "truncated_svd",
+]
+
+
+def rank_from_ratio(out_features: int, in_features: int, ratio: float) -> int:
+    """Rank that removes ``ratio`` of a dense ``out x in`` layer's weight parameters.
+
+    ``r = floor((1 − ratio) · m · n / (m + n))``, at least 1.
+    """
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"ratio must lie in (0, 1) (the fraction of parameters removed); got {ratio!r}.")
+    return max(1, math.floor((1.0 - ratio) * out_features * in_features / (out_features + in_features)))
+
+
+def factor_params(out_features: int, in_features: int, rank: int) -> int:
+    """Weight parameters of a rank-``rank`` factorization ``(out x r) @ (r x in)``."""
+    return rank * (out_features + in_features)
+
+
+@dataclass
+class CholeskyResult:
+    """Lower Cholesky factor of a (possibly damped) covariance and the damping that made it work."""
+
+    factor: Tensor
+    damping: float  # absolute value added to the diagonal (0.0 when none was needed)
+    relative_damping: float  # damping / (trace / n)
+    singular: bool  # True when the undamped matrix was not numerically positive definite
+
+
+def damped_cholesky(
+    matrix: Tensor,
+    initial_damping: float = 1e-6,
+    max_damping: float = 1.0,
+    growth: float = 10.0,
+    min_pivot: float = 1e-12,
+) -> CholeskyResult:
+    """Cholesky factor ``L`` (lower) of a symmetric PSD matrix, damped until it is positive definite.
+
+    The matrix is factored as-is first. If that fails, or a pivot is below ``min_pivot · trace/n``
+    (a singular matrix can pass Cholesky with tiny round-off pivots, which would blow up ``L⁻¹``),
+    ``δ · trace/n`` is added to the diagonal with ``δ = initial_damping`` escalated by ``growth``.
+    Always works in float64.
+
+    Raises:
+        ValueError: if the matrix has NaN/Inf entries or no damping up to ``max_damping`` works.
+    """
+    matrix = matrix.to(torch.float64)
+    n = matrix.shape[-1]
+    if not torch.isfinite(matrix).all():
+        raise ValueError("covariance has NaN or Inf entries; cannot factor it.")
+    scale = float(torch.diagonal(matrix).sum()) / n
+    if scale <= 0.0:  # all-zero inputs: any whitening is optimal, take the identity
+        eye = torch.eye(n, dtype=torch.float64, device=matrix.device)
+        return CholeskyResult(eye, damping=1.0, relative_damping=float("inf"), singular=True)
+    eye = torch.eye(n, dtype=torch.float64, device=matrix.device)
+    relative = 0.0
+    while relative <= max_damping:
+        factor, info = torch.linalg.cholesky_ex(matrix + (relative * scale) * eye if relative else matrix)
+        if int(info) == 0 and float(torch.diagonal(factor).min()) ** 2 >= min_pivot * scale:
+            return CholeskyResult(factor, relative * scale, relative, singular=relative > 0.0)
+        relative = initial_damping if relative == 0.0 else relative * growth
+    raise ValueError(
+        f"covariance is not positive definite even with damping {max_damping} x trace/n; "
+        "the calibration inputs are degenerate (check for constant or all-zero activations)."
+    )
+
+
+def truncated_svd(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-``rank`` singular triplets ``(U_r, S_r, V_rᵀ)`` of ``matrix``, in float64.
+
+    Works on the tall orientation: the eigendecomposition of the small Gram matrix
+    (``min(m, n)`` squared) gives one side, one matrix product the other. In float64 the top
+    singular vectors are accurate to round-off relative to ``σ_1``; singular values below
+    ``1e-7 · σ_1`` (where the Gram route cannot resolve them) come back as exact zeros. It is
+    several times faster than a full ``gesdd`` on CPU (see ``benchmarks/bench_solver.py``).
+    """
+    matrix = matrix.to(torch.float64)
+    m, n = matrix.shape
+    rank = min(rank, m, n)
+    wide = m < n
+    tall = matrix.mT if wide else matrix  # (big x small)
+    eigenvalues, eigenvectors = torch.linalg.eigh(tall.mT @ tall)
+    order = torch.argsort(eigenvalues, descending=True)[:rank]
+    singular = eigenvalues[order].clamp_min(0.0).sqrt()
+    right = eigenvectors[:, order]  # small side
+    # Fix each vector's sign (largest entry positive) so factors do not flip under tiny perturbations.
+    pivot = right.gather(0, right.abs().argmax(dim=0, keepdim=True))
+    right = right * torch.where(pivot < 0, -1.0, 1.0)
+    # From the Gram matrix, σ below ~sqrt(eps)·σ_1 ≈ 1e-8·σ_1 is round-off: such directions carry
+    # < 1e-14 of the energy, so zero them rather than divide by noise.
+    safe = singular > singular.max().clamp_min(1e-300) * 1e-7
+    left = (tall @ right) / torch.where(safe, singular, torch.ones_like(singular))
+    left = left * safe
+    singular = singular * safe
+    if wide:
+        return right, singular, left.mT
+    return left, singular, right.mT
+
+
+@dataclass
+class LowRankFactors:
+    """``W' = up @ down`` (float64) and how it was obtained."""
+
+    up: Tensor  # out x r
+    down: Tensor  # r x in
+    singular_values: Tensor  # top-r singular values of the target M
+    damping: float
+    relative_damping: float
+    singular: bool
+    beta: float | None = None  # SAES-SVD's β, when one was used
+
+
+def solve_lowrank(
+    weight: Tensor,
+    rank: int,
+    whitening: Tensor | None = None,
+    cross: Tensor | None = None,
+    initial_damping: float = 1e-6,
+    cholesky: CholeskyResult | None = None,
+) -> LowRankFactors:
+    """Optimal rank-``rank`` factors of ``weight`` for ``min ‖W X − W' X̂‖``, from covariances.
+
+    Args:
+        weight: ``W``, out x in.
+        rank: target rank ``r``.
+        whitening: ``H = X̂ X̂ᵀ`` (in x in), or None for plain SVD (identity whitening).
+        cross: cross term ``K`` (in x in), ``C = X X̂ᵀ`` for the anchored objective. None means
+            ``K = H`` (SVD-LLM), i.e. ``M = W L`` with the damped ``L``.
+        initial_damping: first relative damping tried if ``H`` is not positive definite.
+        cholesky: a precomputed :func:`damped_cholesky` of ``whitening`` (saves one factorization).
+
+    Returns:
+        Factors in float64 on ``weight``'s device.
+    """
+    w = weight.to(torch.float64)
+    if whitening is None:
+        if cross is not None:
+            raise ValueError("cross term given without a whitening covariance.")
+        u, s, vh = truncated_svd(w, rank)
+        root = s.sqrt()
+        return LowRankFactors(u * root, root[:, None] * vh, s, 0.0, 0.0, False)
+    chol = cholesky or damped_cholesky(whitening.to(w.device), initial_damping=initial_damping)
+    lower = chol.factor.to(w.device)
+    if cross is None:
+        target = w @ lower
+    else:
+        # M = W K L⁻ᵀ, so Mᵀ = L⁻¹ (W K)ᵀ: one triangular solve, no inverse.
+        kw = (w @ cross.to(device=w.device, dtype=torch.float64)).mT
+        target = torch.linalg.solve_triangular(lower, kw, upper=False).mT
+    u, s, vh = truncated_svd(target, rank)
+    root = s.sqrt()
+    # down = Σ^½ V_rᵀ L⁻¹, so downᵀ = L⁻ᵀ (V_r Σ^½): a solve with the upper factor Lᵀ.
+    down = torch.linalg.solve_triangular(lower.mT, vh.mT * root, upper=True).mT
+    return LowRankFactors(u * root, down, s, chol.damping, chol.relative_damping, chol.singular)
+
+
+def output_error(
+    weight: Tensor,
+    approx: Tensor,
+    original_cov: Tensor,
+    cross: Tensor | None = None,
+    shifted_cov: Tensor | None = None,
+) -> float:
+    """``‖W X − W' X̂‖_F²`` from covariances ``G = XXᵀ``, ``C = XX̂ᵀ``, ``H = X̂X̂ᵀ``.
+
+    With ``cross``/``shifted_cov`` omitted, ``X̂ = X`` (one stream).
+    """
+    w = weight.to(torch.float64)
+    a = approx.to(torch.float64)
+    g = original_cov.to(torch.float64)
+    c = g if cross is None else cross.to(torch.float64)
+    h = g if shifted_cov is None else shifted_cov.to(torch.float64)
+    dense = (w @ g * w).sum()
+    mixed = (w @ c * a).sum()  # tr(W C W'ᵀ)
+    compressed = (a @ h * a).sum()
+    return float(dense - 2.0 * mixed + compressed)
+
+
+@dataclass
+class AcesChoice:
+    """β chosen by ACES and the surrogate's pieces (for reports and tests)."""
+
+    beta: float
+    candidates: list[float]
+    scores: list[float]
+    coefficients: tuple[float, float, float, float, float, float]  # a, b, c, A, B, C
+
+
+def aces_surrogate(beta: Tensor | float, coefficients: tuple[float, ...], objective: str = "ratio") -> Tensor | float:
+    """Fixed-subspace first-order tail ratio ``(a + 2bβ + cβ²)/(A + 2Bβ + Cβ²)`` (or the tail energy)."""
+    a, b, c, big_a, big_b, big_c = coefficients
+    tail = a + 2 * b * beta + c * beta * beta
+    if objective == "energy":
+        return tail
+    return tail / (big_a + 2 * big_b * beta + big_c * beta * beta)
+
+
+def aces_beta(
+    weight: Tensor,
+    whitening: Tensor,
+    cross: Tensor,
+    rank: int,
+    beta_min: float = 0.25,
+    beta_max: float = 0.75,
+    objective: str = "ratio",
+    beta_cap: float = 0.95,
+    shrink: float = 1.0,
+    cholesky: CholeskyResult | None = None,
+) -> AcesChoice:
+    """SAES-SVD's ACES (Algorithm 3): β minimizing the fixed-subspace tail surrogate, in closed form.
+
+    ``S = W H L⁻ᵀ`` (= ``W L``) and ``D = W (C − H) L⁻ᵀ`` (SAES's ``Δ = (X − X̂) X̂ᵀ = C − H``). With
+    ``P_L, P_R`` the projectors off the top-``rank`` singular subspaces of ``S``, the tail surrogate is
+    ``‖P_L (S + βD) P_R‖²``; its ratio to ``‖S + βD‖²`` is stationary at the roots of
+    ``(cB − bC)β² + (cA − aC)β + (bA − aB)``. Candidates are those roots and the interval ends (ratio),
+    or ``−b/c`` (energy); each is clipped to ``[beta_min, beta_max]``, capped at ``beta_cap`` and
+    multiplied by ``shrink`` (the guardrails of appendix A.11), and the best-scoring one wins.
+    """
+    w = weight.to(torch.float64)
+    chol = cholesky or damped_cholesky(whitening)
+    lower = chol.factor.to(w.device)
+    h = whitening.to(device=w.device, dtype=torch.float64)
+    s = w @ lower
+    difference = w @ (cross.to(device=w.device, dtype=torch.float64) - h)
+    d = torch.linalg.solve_triangular(lower, difference.mT, upper=False).mT  # W (C − H) L⁻ᵀ
+    u, _, vh = truncated_svd(s, rank)
+    v = vh.mT
+
+    def off_subspace(m: Tensor) -> Tensor:
+        m = m - u @ (u.mT @ m)
+        return m - (m @ v) @ v.mT
+
+    s_perp, d_perp = off_subspace(s), off_subspace(d)
+    coefficients = (
+        float((s_perp * s_perp).sum()),
+        float((s_perp * d_perp).sum()),
+        float((d_perp * d_perp).sum()),
+        float((s * s).sum()),
+        float((s * d).sum()),
+        float((d * d).sum()),
+    )
+    a, b, c, big_a, big_b, big_c = coefficients
+    if objective == "ratio":
+        raw = [beta_min, beta_max]
+        quad, lin, const = c * big_b - b * big_c, c * big_a - a * big_c, b * big_a - a * big_b
+        scale = max(abs(quad), abs(lin), abs(const), 1e-300)
+        if abs(quad) > 1e-12 * scale:
+            disc = lin * lin - 4 * quad * const
+            if disc >= 0:
+                root = math.sqrt(disc)
+                raw += [(-lin + root) / (2 * quad), (-lin - root) / (2 * quad)]
+        elif abs(lin) > 1e-12 * scale:
+            raw.append(-const / lin)
+    elif objective == "energy":
+        raw = [-b / c if c > 0 else beta_min]
+    else:
+        raise ValueError(f"objective={objective!r} is invalid; valid values: 'ratio', 'energy'.")
+    candidates = [shrink * min(min(max(beta, beta_min), beta_max), beta_cap) for beta in raw]
+    scores = [float(aces_surrogate(beta, coefficients, objective)) for beta in candidates]
+    best = min(range(len(candidates)), key=lambda i: (scores[i], candidates[i]))
+    return AcesChoice(candidates[best], candidates, scores, coefficients)

@@ -1,0 +1,146 @@
+"""Activation statistics: running covariances, input hooks, the calibration context, DDP reduction.
+
+No Trainer here: these take modules and tensors, so they are testable on tiny matrices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = [
+    "CovarianceCollector",
+    "RunningCovariance",
+    "all_reduce_sum_",
+    "calibration_forward_context",
+    "input_hooks",
+]
+
+
+class RunningCovariance:
+    """Running ``Σ aᵀb`` over rows of activations (``aᵀa`` when ``b`` is omitted) with a row count.
+
+    Each batch's product is computed in float32 (cheap) and added to a float64 sum (exact enough
+    over many batches). ``mean()`` divides by the count; solvers are invariant to that scale, but
+    it keeps numbers comparable across calibration sizes.
+    """
+
+    def __init__(self, rows: int, cols: int | None = None, device: torch.device | str | None = None) -> None:
+        self.sum = torch.zeros(rows, rows if cols is None else cols, dtype=torch.float64, device=device)
+        self.count = 0
+
+    def update(self, a: Tensor, b: Tensor | None = None) -> None:
+        """Add a batch. ``a``, ``b``: (..., features); leading dims are samples (tokens, patches)."""
+        a2 = a.reshape(-1, a.shape[-1]).float()
+        b2 = a2 if b is None else b.reshape(-1, b.shape[-1]).float()
+        if b2.shape[0] != a2.shape[0]:
+            raise ValueError(f"streams have {a2.shape[0]} and {b2.shape[0]} rows; they must be paired.")
+        self.add_(a2.mT @ b2, a2.shape[0])
+
+    def add_(self, product: Tensor, count: int) -> None:
+        """Add a precomputed ``aᵀb`` for ``count`` rows (lets modules fed the same input share it)."""
+        self.sum += product.to(device=self.sum.device, dtype=torch.float64)
+        self.count += count
+
+    def mean(self) -> Tensor:
+        if self.count == 0:
+            raise ValueError("no samples were accumulated.")
+        return self.sum / self.count
+
+    def all_reduce_(self) -> None:
+        """Sum the statistics and counts over DDP ranks (no-op outside torch.distributed)."""
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.sum.device)
+        all_reduce_sum_([self.sum, count])
+        self.count = int(count.item())
+
+
+def all_reduce_sum_(tensors: list[Tensor]) -> None:
+    """In-place sum over all ranks when a process group with more than one rank is running."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for tensor in tensors:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+@contextlib.contextmanager
+def input_hooks(modules: Mapping[str, nn.Module], fn: Callable[[str, Tensor], None]) -> Iterator[None]:
+    """Call ``fn(name, input)`` before each named module runs; the hooks are always removed."""
+    handles = []
+    try:
+        for name, module in modules.items():
+
+            def hook(_module: nn.Module, args: tuple, _name: str = name) -> None:
+                fn(_name, args[0])
+
+            handles.append(module.register_forward_pre_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class CovarianceCollector:
+    """Accumulates ``G = XXᵀ`` of each named module's input over calibration forwards.
+
+    Modules fed the very same tensor (q/k/v, gate/up) share one product instead of three.
+    Use as ``with collector.hooks(): model(batch)``.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module], features: Mapping[str, int], device=None) -> None:
+        self.modules = dict(modules)
+        self.stats = {name: RunningCovariance(features[name], device=device) for name in self.modules}
+        self._last_input: Tensor | None = None
+        self._last_product: Tensor | None = None
+
+    def _observe(self, name: str, x: Tensor) -> None:
+        if x is not self._last_input:
+            flat = x.detach().reshape(-1, x.shape[-1]).float()
+            self._last_input, self._last_product = x, flat.mT @ flat
+        self.stats[name].add_(self._last_product, x.numel() // x.shape[-1])
+
+    @contextlib.contextmanager
+    def hooks(self) -> Iterator[CovarianceCollector]:
+        try:
+            with input_hooks(self.modules, self._observe):
+                yield self
+        finally:  # never keep an activation alive past the forward
+            self._last_input = self._last_product = None
+
+    def all_reduce_(self) -> None:
+        for stat in self.stats.values():
+            stat.all_reduce_()
+
+
+@contextlib.contextmanager
+def calibration_forward_context(model: nn.Module) -> Iterator[None]:
+    """``no_grad`` + eval mode + no KV cache for calibration forwards; restores everything after.
+
+    A KV cache among the captured inputs grows with each call and silently corrupts statistics, so
+    every Hugging Face config found in the model gets ``use_cache=False`` for the duration. PyTorch's
+    fused ``nn.TransformerEncoderLayer`` fast path (taken in eval mode) bypasses the Linear modules,
+    and so their hooks; it is switched off too.
+    """
+    training = {m: m.training for m in model.modules()}
+    configs = []
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "use_cache") and all(c is not config for c, _ in configs):
+            configs.append((config, config.use_cache))
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    try:
+        for config, _ in configs:
+            config.use_cache = False
+        torch.backends.mha.set_fastpath_enabled(False)
+        model.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        for config, value in configs:
+            config.use_cache = value
+        for module, mode in training.items():
+            module.train(mode)

@@ -1,0 +1,38 @@
+"""Run by test_ddp.py as `python ddp_compress_script.py OUT_DIR`: two CPU ranks (gloo) compress the same model.
+
+Rank r calibrates on batches r, r+2, ... of the same loader; statistics are all-reduced, so every rank
+must end with identical factors, equal to a single process calibrating on all batches.
+"""
+
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from conftest import TinyModule, fast_trainer, loader_for  # noqa: E402
+from prehab.callbacks import AASVD, SAESSVD, SVDLLM  # noqa: E402
+
+
+def main(out: Path) -> None:
+    loader = loader_for("llama", n=32, batch_size=4, seed=5)
+    module = TinyModule("llama")
+    dense = copy.deepcopy(module)
+    callback = SAESSVD(ratio=0.5, calibration_batches=8, calibration_dataloader=loader)
+    trainer = fast_trainer(callbacks=[callback], max_steps=0, strategy="ddp", devices=2)
+    trainer.fit(module, train_dataloaders=loader)
+    rank, world = trainer.global_rank, trainer.world_size
+    states = {"saes_svd": module.state_dict()}
+    for other in (AASVD(ratio=0.5, calibration_batches=8), SVDLLM(ratio=0.5, calibration_batches=8)):
+        copy_ = copy.deepcopy(dense)
+        other.compress(copy_, loader, rank=rank, world_size=world, progress=False)
+        states[other.method] = copy_.state_dict()
+    torch.save(
+        {"states": states, "world": world, "samples": callback.report.calibration_samples}, out / f"rank{rank}.pt"
+    )
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,39 @@
+"""Compression under DDP: 2 CPU processes (gloo), launched as a script in a subprocess."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from conftest import TinyModule, loader_for
+from prehab.callbacks import AASVD, SAESSVD, SVDLLM
+
+SCRIPT = Path(__file__).parent / "ddp_compress_script.py"
+
+
+def test_ddp_ranks_identical_and_equal_to_single_process(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert ranks[0]["world"] == 2
+    loader = loader_for("llama", n=32, batch_size=4, seed=5)
+    for method, callback in (("saes_svd", SAESSVD), ("aa_svd", AASVD), ("svd_llm", SVDLLM)):
+        zero, one = ranks[0]["states"][method], ranks[1]["states"][method]
+        lowrank_keys = [k for k in zero if k.endswith(("up.weight", "down.weight"))]
+        assert len(lowrank_keys) == 28
+        for key in zero:  # bit-identical across ranks
+            assert torch.equal(zero[key], one[key]), (method, key)
+        single = TinyModule("llama")
+        callback(ratio=0.5, calibration_batches=8).compress(single, loader, progress=False)
+        reference = single.state_dict()
+        for key in lowrank_keys:  # same weights as one process over the union of the shards
+            if key.endswith("up.weight"):
+                down = key.replace("up.weight", "down.weight")
+                torch.testing.assert_close(
+                    zero[key] @ zero[down], reference[key] @ reference[down], rtol=1e-4, atol=1e-5
+                )
+    assert ranks[0]["samples"] == 8 * 4 * 16  # the all-reduced count covers both shards

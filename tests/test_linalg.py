@@ -1,0 +1,151 @@
+"""The solver against its theorem, on small float64 problems (references computed independently)."""
+
+import math
+
+import pytest
+import torch
+
+from prehab.linalg import (
+    damped_cholesky,
+    factor_params,
+    output_error,
+    rank_from_ratio,
+    solve_lowrank,
+    truncated_svd,
+)
+
+torch.set_default_dtype(torch.float32)
+
+
+def _problem(out=6, inp=8, n=40, shift=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g, dtype=torch.float64)
+    mix = torch.randn(inp, inp, generator=g, dtype=torch.float64)
+    x = mix @ torch.randn(inp, n, generator=g, dtype=torch.float64)  # correlated features
+    x_hat = x + shift * torch.randn(inp, n, generator=g, dtype=torch.float64)
+    return w, x, x_hat
+
+
+def _objective(w, approx, x, x_hat):
+    return float(((w @ x - approx @ x_hat) ** 2).sum())
+
+
+def _theorem_minimum(w, x, x_hat, rank):
+    """Theorem 3.1 with the symmetric square root B = R R (R = Rᵀ), where the paper's algebra holds."""
+    b = x_hat @ x_hat.T
+    evals, evecs = torch.linalg.eigh(b)
+    root_inv = evecs @ torch.diag(evals.rsqrt()) @ evecs.T
+    m = w @ (x @ x_hat.T) @ root_inv
+    s = torch.linalg.svdvals(m)
+    return float((w @ x).pow(2).sum() - m.pow(2).sum() + s[rank:].pow(2).sum())
+
+
+@pytest.mark.parametrize("rank", [1, 3, 5])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_anchored_solver_reaches_theorem_minimum(rank, seed):
+    w, x, x_hat = _problem(seed=seed)
+    f = solve_lowrank(w, rank, whitening=x_hat @ x_hat.T, cross=x @ x_hat.T)
+    approx = f.up @ f.down
+    assert torch.linalg.matrix_rank(approx) == rank
+    achieved = _objective(w, approx, x, x_hat)
+    minimum = _theorem_minimum(w, x, x_hat, rank)
+    assert f.damping == 0.0
+    assert achieved == pytest.approx(minimum, rel=1e-8)
+    # No random rank-r candidate, nor a small perturbation of the optimum, does better.
+    g = torch.Generator().manual_seed(123)
+    for _ in range(200):
+        cand = torch.randn(6, rank, generator=g, dtype=torch.float64) @ torch.randn(
+            rank, 8, generator=g, dtype=torch.float64
+        )
+        assert _objective(w, cand, x, x_hat) >= minimum
+        nudged = (f.up + 1e-3 * torch.randn(f.up.shape, generator=g, dtype=torch.float64)) @ f.down
+        assert _objective(w, nudged, x, x_hat) >= minimum * (1 - 1e-12)
+
+
+def test_covariance_error_formula_matches_activations():
+    w, x, x_hat = _problem()
+    approx = torch.randn(6, 8, dtype=torch.float64)
+    formula = output_error(w, approx, x @ x.T, x @ x_hat.T, x_hat @ x_hat.T)
+    assert formula == pytest.approx(_objective(w, approx, x, x_hat), rel=1e-10)
+    assert output_error(w, approx, x @ x.T) == pytest.approx(_objective(w, approx, x, x), rel=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(8, 6), (6, 8)])
+def test_identity_whitening_is_eckart_young(shape):
+    w = torch.randn(*shape, dtype=torch.float64)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    best = u[:, :3] * s[:3] @ vh[:3]
+    plain = solve_lowrank(w, 3)
+    whitened = solve_lowrank(w, 3, whitening=torch.eye(shape[1], dtype=torch.float64))
+    torch.testing.assert_close(plain.up @ plain.down, best, rtol=0, atol=1e-10)
+    torch.testing.assert_close(whitened.up @ whitened.down, best, rtol=0, atol=1e-10)
+    torch.testing.assert_close(plain.singular_values, s[:3], rtol=1e-10, atol=0)
+
+
+def test_same_stream_is_svd_llm_and_optimal():
+    w, x, _ = _problem()
+    g = x @ x.T
+    anchored = solve_lowrank(w, 3, whitening=g, cross=g)
+    svd_llm = solve_lowrank(w, 3, whitening=g)  # M = W L
+    torch.testing.assert_close(anchored.up @ anchored.down, svd_llm.up @ svd_llm.down, rtol=0, atol=1e-9)
+    assert _objective(w, svd_llm.up @ svd_llm.down, x, x) == pytest.approx(_theorem_minimum(w, x, x, 3), rel=1e-8)
+
+
+def test_factors_are_balanced():
+    """up = U Σ^½ and down = Σ^½ Vᵀ L⁻¹: up's columns have norms √σ (LoRA rehab relies on the split)."""
+    w, x, _ = _problem()
+    f = solve_lowrank(w, 4, whitening=x @ x.T)
+    torch.testing.assert_close(f.up.norm(dim=0), f.singular_values.sqrt(), rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(8, 6), (6, 8), (7, 7)])
+def test_truncated_svd_matches_lapack(shape):
+    m = torch.randn(*shape, dtype=torch.float64)
+    u, s, vh = truncated_svd(m, 4)
+    ref_u, ref_s, ref_vh = torch.linalg.svd(m, full_matrices=False)
+    torch.testing.assert_close(s, ref_s[:4], rtol=1e-10, atol=0)
+    torch.testing.assert_close(u * s @ vh, ref_u[:, :4] * ref_s[:4] @ ref_vh[:4], rtol=0, atol=1e-10)
+    torch.testing.assert_close(u.T @ u, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-10)
+
+
+def test_truncated_svd_rank_deficient_matrix_has_zero_tail():
+    m = torch.randn(8, 2, dtype=torch.float64) @ torch.randn(2, 6, dtype=torch.float64)
+    u, s, vh = truncated_svd(m, 4)
+    assert torch.isfinite(u).all() and torch.isfinite(vh).all()
+    assert (s[2:] == 0).all()  # below the resolvable floor: exact zeros, not noise
+    torch.testing.assert_close(u * s @ vh, m, rtol=0, atol=1e-10)
+
+
+def test_damped_cholesky_plain_and_singular():
+    a = torch.randn(8, 20, dtype=torch.float64)
+    spd = a @ a.T
+    ok = damped_cholesky(spd)
+    assert ok.damping == 0.0 and not ok.singular
+    torch.testing.assert_close(ok.factor @ ok.factor.T, spd)
+    thin = torch.randn(8, 3, dtype=torch.float64)
+    singular = thin @ thin.T  # rank 3 < 8: fewer samples than features
+    res = damped_cholesky(singular)
+    assert res.singular and res.damping > 0 and res.relative_damping >= 1e-6
+    assert res.damping == pytest.approx(res.relative_damping * float(singular.trace()) / 8)
+    torch.testing.assert_close(res.factor @ res.factor.T, singular + res.damping * torch.eye(8, dtype=torch.float64))
+    # The damped solve is still the optimum for the damped covariance, and finite.
+    f = solve_lowrank(torch.randn(6, 8, dtype=torch.float64), 2, whitening=singular)
+    assert f.singular and torch.isfinite(f.up @ f.down).all()
+
+
+def test_damped_cholesky_rejects_nan():
+    bad = torch.eye(4, dtype=torch.float64)
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        damped_cholesky(bad)
+
+
+def test_rank_from_ratio_formula_and_errors():
+    assert rank_from_ratio(768, 3072, 0.4) == math.floor(0.6 * 768 * 3072 / (768 + 3072))
+    assert rank_from_ratio(4, 4, 0.99) == 1
+    for m, n, ratio in [(768, 3072, 0.2), (64, 32, 0.5), (4096, 4096, 0.8)]:
+        r = rank_from_ratio(m, n, ratio)
+        assert factor_params(m, n, r) <= (1 - ratio) * m * n < factor_params(m, n, r + 1)
+    for bad in (0.0, 1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="ratio"):
+            rank_from_ratio(4, 4, bad)

@@ -1,0 +1,255 @@
+"""AA-SVD, SAES-SVD (CEALC + ACES) and the two-stream block-sequential pipeline."""
+
+import copy
+
+import pytest
+import torch
+from conftest import TinyModule, loader_for
+from prehab.callbacks import AASVD, SAESSVD, SVDLLM
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from prehab import LowRankLinear
+from prehab.linalg import aces_beta, aces_surrogate, solve_lowrank
+
+
+def _stats(seed=0, inp=8, n=60, shift=0.4):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(inp, inp, generator=g, dtype=torch.float64)
+    x = mix @ torch.randn(inp, n, generator=g, dtype=torch.float64)
+    x_hat = x + shift * torch.randn(inp, n, generator=g, dtype=torch.float64)
+    w = torch.randn(6, inp, generator=g, dtype=torch.float64)
+    return w, x, x_hat, {"G": x @ x.T / n, "H": x_hat @ x_hat.T / n, "C": x @ x_hat.T / n}
+
+
+# ------------------------------------------------------------------------------------------ per-layer math
+def test_saes_endpoints_are_aa_svd_and_shifted_whitening():
+    w, _, _, stats = _stats()
+    aa = AASVD(ratio=0.5).solve_layer("l", w, 3, stats)
+    beta_one = SAESSVD(ratio=0.5, beta=1.0).solve_layer("l", w, 3, stats)
+    torch.testing.assert_close(beta_one.up @ beta_one.down, aa.up @ aa.down, rtol=0, atol=1e-10)
+    assert beta_one.beta == 1.0
+    beta_zero = SAESSVD(ratio=0.5, beta=0.0).solve_layer("l", w, 3, stats)
+    shifted = SVDLLM(ratio=0.5, propagate=True).solve_layer("l", w, 3, stats)
+    reference = solve_lowrank(w, 3, whitening=stats["H"])  # whitening on X̂, K = H
+    torch.testing.assert_close(beta_zero.up @ beta_zero.down, reference.up @ reference.down, rtol=0, atol=1e-10)
+    torch.testing.assert_close(shifted.up @ shifted.down, reference.up @ reference.down, rtol=0, atol=1e-10)
+
+
+def test_aa_svd_layer_solve_reaches_theorem_minimum():
+    w, x, x_hat, stats = _stats(seed=3)
+    f = AASVD(ratio=0.5).solve_layer("l", w, 2, stats)
+    achieved = float(((w @ x - f.up @ f.down @ x_hat) ** 2).sum())
+    # Theorem 3.1 with the symmetric root of B = X̂X̂ᵀ
+    evals, evecs = torch.linalg.eigh(x_hat @ x_hat.T)
+    m = w @ (x @ x_hat.T) @ (evecs * evals.rsqrt()) @ evecs.T
+    s = torch.linalg.svdvals(m)
+    minimum = float((w @ x).pow(2).sum() - m.pow(2).sum() + s[2:].pow(2).sum())
+    assert achieved == pytest.approx(minimum, rel=1e-8)
+
+
+def _reference_coefficients(w, h, c, rank):
+    """a, b, c, A, B, C from explicit projectors and a symmetric-root-free whitening (independent path)."""
+    lower = torch.linalg.cholesky(h)
+    s = w @ lower
+    d = w @ (c - h) @ torch.linalg.inv(lower).T
+    u, _, vh = torch.linalg.svd(s)
+    p_left = torch.eye(s.shape[0], dtype=s.dtype) - u[:, :rank] @ u[:, :rank].T
+    p_right = torch.eye(s.shape[1], dtype=s.dtype) - vh[:rank].T @ vh[:rank]
+    sp, dp = p_left @ s @ p_right, p_left @ d @ p_right
+    return (
+        s,
+        d,
+        p_left,
+        p_right,
+        [
+            float(v)
+            for v in ((sp * sp).sum(), (sp * dp).sum(), (dp * dp).sum(), (s * s).sum(), (s * d).sum(), (d * d).sum())
+        ],
+    )
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("objective", ["ratio", "energy"])
+def test_aces_minimizes_surrogate_over_dense_grid(seed, objective):
+    w, _, _, stats = _stats(seed=seed, shift=0.3 + 0.3 * seed)
+    h, c = stats["H"], stats["C"]
+    s, d, p_left, p_right, reference = _reference_coefficients(w, h, c, 3)
+    choice = aces_beta(w, h, c, 3, beta_min=0.0, beta_max=1.0, objective=objective, beta_cap=1.0)
+    assert choice.coefficients == pytest.approx(reference, rel=1e-8, abs=1e-10)
+
+    def surrogate(beta):  # straight from the definition, ‖P_L G(β) P_R‖² / ‖G(β)‖²
+        g = s + beta * d
+        tail = float((p_left @ g @ p_right).pow(2).sum())
+        return tail if objective == "energy" else tail / float(g.pow(2).sum())
+
+    grid = torch.linspace(0.0, 1.0, 2001).tolist()
+    best = min(surrogate(b) for b in grid)
+    assert 0.0 <= choice.beta <= 1.0
+    assert surrogate(choice.beta) <= best + 1e-9 * max(1.0, abs(best))
+    assert aces_surrogate(choice.beta, choice.coefficients, objective) == pytest.approx(
+        surrogate(choice.beta), rel=1e-8
+    )
+
+
+def test_aces_guardrails():
+    w, _, _, stats = _stats(seed=1, shift=1.0)
+    h, c = stats["H"], stats["C"]
+    for lo, hi in [(0.25, 0.75), (0.4, 0.5), (0.0, 0.1)]:
+        assert lo <= aces_beta(w, h, c, 3, beta_min=lo, beta_max=hi).beta <= hi
+    assert aces_beta(w, h, c, 3, beta_min=0.0, beta_max=1.0, beta_cap=0.3).beta <= 0.3
+    free = aces_beta(w, h, c, 3, beta_min=0.0, beta_max=1.0, beta_cap=1.0)
+    shrunk = aces_beta(w, h, c, 3, beta_min=0.0, beta_max=1.0, beta_cap=1.0, shrink=0.5)
+    assert all(b <= 0.5 for b in shrunk.candidates) and shrunk.beta <= 0.5
+    assert free.beta != shrunk.beta or free.beta == 0.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"beta": 1.5}, "beta=1.5"),
+        ({"beta_min": 0.8, "beta_max": 0.2}, "beta_min=0.8"),
+        ({"objective": "tail"}, "'ratio', 'energy'"),
+        ({"beta_cap": 0}, "beta_cap=0"),
+        ({"beta_shrink": 2}, "beta_shrink=2"),
+        ({"ratio": 1.0}, "ratio=1.0"),
+    ],
+)
+def test_saes_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SAESSVD(**kwargs)
+
+
+# ------------------------------------------------------------------------------ pipeline vs slow reference
+class Recording(AASVD):
+    """AA-SVD that records the statistics each layer was solved from, in processing order."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.seen = []
+
+    def solve_layer(self, name, weight, rank, stats):
+        self.seen.append((name, {k: v.clone() for k, v in stats.items()}, stats["H"]))
+        return super().solve_layer(name, weight, rank, stats)
+
+
+def _inputs_of(module, name, loader):
+    """Inputs of `name` over the loader, from a full forward of `module` (no caching of any kind)."""
+    rows = []
+    handle = module.get_submodule(name).register_forward_pre_hook(
+        lambda _m, a: rows.append(a[0].reshape(-1, a[0].shape[-1]))
+    )
+    with torch.no_grad():
+        module.eval()
+        for batch in loader:
+            module.calibration_step(batch)
+    handle.remove()
+    return torch.cat(rows).double()
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_pipeline_statistics_equal_slow_full_model_reference(kind):
+    torch.manual_seed(0)
+    dense = TinyModule(kind)
+    loader = loader_for(kind, n=12, batch_size=4)
+    compressed = copy.deepcopy(dense)
+    callback = Recording(ratio=0.5, calibration_batches=3)
+    callback.compress(compressed, loader, progress=False)
+    assert len(callback.seen) == (14 if kind == "llama" else 12)
+    # Groups: consecutive layers solved from the very same statistics (q/k/v share one input).
+    order, group_of, group = [], {}, -1
+    for i, (name, _, h) in enumerate(callback.seen):
+        if i == 0 or h is not callback.seen[i - 1][2]:
+            group += 1
+        order.append(name)
+        group_of[name] = group
+    if kind == "llama":
+        assert group_of["model.model.layers.0.self_attn.q_proj"] == group_of["model.model.layers.0.self_attn.v_proj"]
+        assert group_of["model.model.layers.0.self_attn.o_proj"] > group_of["model.model.layers.0.self_attn.q_proj"]
+        assert group_of["model.model.layers.0.mlp.down_proj"] > group_of["model.model.layers.0.mlp.up_proj"]
+
+    shifted = [name for name, stats, _ in callback.seen if (stats["H"] - stats["G"]).norm() > 1e-6 * stats["G"].norm()]
+    assert len(shifted) >= len(order) - 3  # only block 0's first group sees unshifted inputs
+    for name, stats, _ in callback.seen:
+        partial = copy.deepcopy(dense)  # the model with every earlier group replaced, nothing cached
+        for other in order:
+            if group_of[other] < group_of[name]:
+                parent, _, child = other.rpartition(".")
+                setattr(partial.get_submodule(parent), child, copy.deepcopy(compressed.get_submodule(other)))
+        x, x_hat = _inputs_of(dense, name, loader), _inputs_of(partial, name, loader)
+        n = len(x)
+        torch.testing.assert_close(stats["H"], x_hat.T @ x_hat / n, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(stats["C"], x.T @ x_hat / n, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(stats["G"], x.T @ x / n, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_shift_aware_methods_not_worse_than_svd_llm_at_the_output(kind):
+    torch.manual_seed(0)
+    base = TinyModule(kind)
+    loader = loader_for(kind, n=32, batch_size=8)
+
+    def outputs(module):
+        with torch.no_grad():
+            module.eval()
+            return torch.cat([module.calibration_step(b).reshape(8, -1) for b in loader])
+
+    dense = outputs(base)
+    errors = {}
+    for callback in (
+        SVDLLM(ratio=0.5, calibration_batches=4),
+        AASVD(ratio=0.5, calibration_batches=4),
+        SAESSVD(ratio=0.5, calibration_batches=4),
+    ):
+        module = copy.deepcopy(base)
+        report = callback.compress(module, loader, progress=False)
+        assert report.totals()["layers_compressed"] == (14 if kind == "llama" else 12)
+        errors[callback.method] = float((outputs(module) - dense).norm() / dense.norm())
+        if callback.method == "saes_svd":
+            assert all(0.25 <= layer.beta <= 0.75 for layer in report.layers)
+            assert "beta" in [c.header for c in report.table().columns]
+    assert errors["aa_svd"] <= errors["svd_llm"] and errors["saes_svd"] <= errors["svd_llm"], errors
+
+
+def test_failure_midway_restores_every_layer():
+    class Failing(AASVD):
+        def solve_layer(self, name, weight, rank, stats):
+            if name.endswith("layers.1.mlp.gate_proj"):
+                raise RuntimeError("solver failed")
+            return super().solve_layer(name, weight, rank, stats)
+
+    module = TinyModule("llama")
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    modules_before = dict(module.named_modules())
+    with pytest.raises(RuntimeError, match="solver failed"):
+        Failing(ratio=0.5).compress(module, loader_for("llama"), progress=False)
+    assert not any(isinstance(m, LowRankLinear) for m in module.modules())
+    assert all(module.get_submodule(n) is m for n, m in modules_before.items() if n)
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, state[key])
+
+
+def test_model_without_blocks_uses_per_layer_fallback():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4))
+    loader = DataLoader(TensorDataset(torch.randn(64, 12)), batch_size=16)
+    dense = copy.deepcopy(net)
+    with pytest.warns(UserWarning, match="no repeated transformer blocks"):
+        report = AASVD(ratio=0.5, targets=None, calibration_batches=4).compress(net, loader, progress=False)
+    assert isinstance(net[0], LowRankLinear) and isinstance(net[2], LowRankLinear)
+    # The second layer's statistics come from the first layer's compressed output: its X̂ differs from X.
+    x = torch.cat([b[0] for b in loader])
+    assert report.calibration_samples == 64
+    assert not torch.allclose(net[1](net[0](x)), dense[1](dense[0](x)))
+
+
+def test_unknown_blocks_name_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"blocks='model\.decoder' is not a submodule.*model\.model\.layers"):
+        AASVD(ratio=0.5, blocks="model.decoder").compress(TinyModule("llama"), loader_for("llama"), progress=False)
+
+
+def test_targets_outside_blocks_are_refused_by_two_stream_methods():
+    module = TinyModule("llama")
+    with pytest.raises(ValueError, match="outside the repeated blocks"):
+        AASVD(ratio=0.5, targets=["lm_head", "q_proj"]).compress(module, loader_for("llama"), progress=False)
+    assert not any(isinstance(m, LowRankLinear) for m in module.modules())
