@@ -14,8 +14,8 @@ import platform
 import time
 
 import torch
-from prehab.callbacks import SVDLLM
 
+from prehab.callbacks import SVDLLM
 from prehab.linalg import rank_from_ratio, solve_lowrank
 from prehab.stats import calibration_forward_context
 

@@ -13,6 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from conftest import TinyModule, fast_trainer, loader_for  # noqa: E402
+
 from prehab.callbacks import AASVD, SAESSVD, SVDLLM  # noqa: E402
 
 

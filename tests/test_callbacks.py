@@ -9,13 +9,13 @@ import pytest
 import torch
 from conftest import TinyModule, fast_trainer, loader_for
 from lightning.pytorch.loggers import CSVLogger
-from prehab.callbacks import SVD, SVDLLM, LowRankCompression
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from transformers.pytorch_utils import Conv1D
 
 from prehab import LowRankLinear
 from prehab.calibration import CalibrationForwardError
+from prehab.callbacks import SVD, SVDLLM, LowRankCompression
 from prehab.linalg import rank_from_ratio
 
 EXPECTED_TARGETS = {"llama": 14, "gpt2": 8, "bert": 12, "vit": 8}

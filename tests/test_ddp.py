@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from conftest import TinyModule, loader_for
+
 from prehab.callbacks import AASVD, SAESSVD, SVDLLM
 
 SCRIPT = Path(__file__).parent / "ddp_compress_script.py"

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 from conftest import BUILDERS, TinyModule, fast_trainer, loader_for
-from prehab.callbacks import SVD, SVDLLM
 from transformers.pytorch_utils import Conv1D
 
 import prehab
 from prehab import LowRankLinear, load_compressed, save_compressed
+from prehab.callbacks import SVD, SVDLLM
 from prehab.lowrank import dense_weight
 
 

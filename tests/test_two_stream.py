@@ -5,11 +5,11 @@ import copy
 import pytest
 import torch
 from conftest import TinyModule, loader_for
-from prehab.callbacks import AASVD, SAESSVD, SVDLLM
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from prehab import LowRankLinear
+from prehab.callbacks import AASVD, SAESSVD, SVDLLM
 from prehab.linalg import aces_beta, aces_surrogate, solve_lowrank
 
 
