@@ -6,4 +6,6 @@ from .saes_svd import SAESSVD
 from .svd import SVD
 from .svd_llm import SVDLLM
 
-__all__ = ["AASVD", "SAESSVD", "SVD", "SVDLLM", "LowRankCompression"]
+METHODS: dict[str, type[LowRankCompression]] = {"svd": SVD, "svd_llm": SVDLLM, "aa_svd": AASVD, "saes_svd": SAESSVD}
+
+__all__ = ["AASVD", "METHODS", "SAESSVD", "SVD", "SVDLLM", "LowRankCompression"]

@@ -7,6 +7,7 @@ saving live here once.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -14,12 +15,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_only
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from prehab.calibration import calibration_forward, take_batches
+from prehab.calibration import collect_input_covariances, take_batches
 from prehab.linalg import LowRankFactors, factor_params, output_error, rank_from_ratio
 from prehab.lowrank import (
     CHECKPOINT_KEY,
@@ -31,10 +32,11 @@ from prehab.lowrank import (
 )
 from prehab.pipeline import GroupStatistics, sequential_compress
 from prehab.report import CompressionReport, LayerReport
-from prehab.stats import CovarianceCollector, calibration_forward_context
 from prehab.targets import resolve_targets
 
-__all__ = ["LowRankCompression"]
+__all__ = ["LowRankCompression", "METHOD_NAMES"]
+
+METHOD_NAMES = ("svd", "svd_llm", "aa_svd", "saes_svd")
 
 log = logging.getLogger("prehab")
 
@@ -58,6 +60,10 @@ class LowRankCompression(Callback):
             search does not find it.
         damping: first relative damping (x trace/n) tried when a covariance is not positive definite.
         verbose: one log line per layer.
+        compare: other methods (by name: ``"svd"``, ``"svd_llm"``, ``"aa_svd"``, ``"saes_svd"``) to run on
+            copies of the model at the same ratio, for the report only; the model ends compressed by this one.
+        evaluate: when the module has an ``evaluate(dataloader)`` method (``PrehabModule`` does) and the
+            datamodule a validation set, report the metrics before and after compression.
     """
 
     method: ClassVar[str] = "lowrank"
@@ -74,6 +80,8 @@ class LowRankCompression(Callback):
         blocks: str | None = None,
         damping: float = 1e-6,
         verbose: bool = False,
+        compare: list[str] | None = None,
+        evaluate: bool = True,
     ) -> None:
         if not isinstance(ratio, int | float) or isinstance(ratio, bool) or not 0.0 < ratio < 1.0:
             raise ValueError(
@@ -88,6 +96,13 @@ class LowRankCompression(Callback):
             raise ValueError(f"targets={targets!r} is invalid: use a regex string, a list of them, or None.")
         if not damping > 0:
             raise ValueError(f"damping={damping!r} is invalid: use a small positive number such as 1e-6.")
+        unknown = [m for m in compare or [] if m not in METHOD_NAMES]
+        if unknown:
+            raise ValueError(
+                f"compare={compare!r} names unknown methods {unknown}; valid values: {list(METHOD_NAMES)}."
+            )
+        self.compare = list(compare or [])
+        self.evaluate = evaluate
         self.ratio = float(ratio)
         self.targets = targets
         self.calibration_batches = calibration_batches
@@ -110,14 +125,49 @@ class LowRankCompression(Callback):
     # ------------------------------------------------------------------ Lightning hooks
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         loader, sharded = self._calibration_source(trainer)
-        report = self.compress(
-            pl_module,
-            loader,
-            rank=0 if sharded else trainer.global_rank,
-            world_size=1 if sharded else trainer.world_size,
-            progress=trainer.is_global_zero,
-        )
+        where = {
+            "rank": 0 if sharded else trainer.global_rank,
+            "world_size": 1 if sharded else trainer.world_size,
+            "progress": trainer.is_global_zero,
+        }
+        evaluation = self._evaluation_loader(trainer, pl_module)
+        metrics = {"dense": pl_module.evaluate(evaluation)} if evaluation is not None else {}
+        comparison = []
+        for name in self.compare:
+            from prehab.callbacks import METHODS  # the subclasses live in the package that imports this file
+
+            other = METHODS[name](
+                ratio=self.ratio,
+                targets=self.targets,
+                calibration_batches=self.calibration_batches,
+                blocks=self.blocks,
+                damping=self.damping,
+            )
+            trial = copy.deepcopy(pl_module, memo={id(trainer): trainer})  # share, don't copy, the Trainer
+            totals = other.compress(trial, loader, **where).totals()
+            comparison.append(
+                {
+                    "method": name,
+                    "model_params_after": totals["model_params_after"],
+                    "mean_relative_error": totals["mean_relative_error"],
+                    "metrics": trial.evaluate(evaluation) if evaluation is not None else {},
+                }
+            )
+            del trial
+        report = self.compress(pl_module, loader, **where)
+        if evaluation is not None:
+            metrics[self.method] = pl_module.evaluate(evaluation)
+        report.metrics, report.comparison = metrics, comparison
         self._publish(trainer, pl_module, report)
+
+    def _evaluation_loader(self, trainer: Trainer, pl_module: LightningModule) -> Iterable | None:
+        if not self.evaluate or not callable(getattr(pl_module, "evaluate", None)):
+            return None
+        datamodule = trainer.datamodule
+        if datamodule is not None and type(datamodule).val_dataloader is not LightningDataModule.val_dataloader:
+            return datamodule.val_dataloader()
+        loaders = trainer.val_dataloaders
+        return loaders if loaders else None
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         structure = lowrank_structure(pl_module)
@@ -296,25 +346,10 @@ class LowRankCompression(Callback):
         progress: bool = True,
     ) -> tuple[dict[str, dict[str, Tensor]], int]:
         """One stream: ``G = mean XXᵀ`` of every target's input over the calibration batches, all-reduced."""
-        device = dense_weight(next(iter(targets.values()))).device
-        features = {name: dense_weight(m).shape[1] for name, m in targets.items()}
-        collector = CovarianceCollector(targets, features, device=device)
-        batches = take_batches(dataloader, self.calibration_batches, rank, world_size)
-        available = min(self.calibration_batches, len(dataloader)) if hasattr(dataloader, "__len__") else None
-        total = None if available is None else len(range(rank, available, world_size))
-        with calibration_forward_context(model), collector.hooks():
-            for batch in tqdm(
-                batches, desc=f"{self.method}: calibrating", disable=not progress, unit="batch", total=total
-            ):
-                calibration_forward(model, batch)
-        collector.all_reduce_()
-        counts = {stat.count for stat in collector.stats.values()}
-        if counts == {0}:
-            raise ValueError(
-                "calibration produced no samples for the targeted layers: the calibration dataloader is empty "
-                "or the targeted layers are not used in the forward pass."
-            )
-        return {name: {"G": stat.mean()} for name, stat in collector.stats.items() if stat.count}, max(counts)
+        covariances, samples = collect_input_covariances(
+            model, targets, dataloader, self.calibration_batches, rank, world_size, progress, desc=self.method
+        )
+        return {name: {"G": covariance} for name, covariance in covariances.items()}, samples
 
     @staticmethod
     def _check_statistics(names: list[str], stats: dict[str, Tensor]) -> None:
@@ -340,6 +375,8 @@ class LowRankCompression(Callback):
         totals = report.totals()
         if trainer.logger is not None:
             metrics = {f"compression/{k}": float(v) for k, v in totals.items() if v is not None}
+            for stage, values in report.metrics.items():
+                metrics.update({f"compression/{stage}/{k}": v for k, v in values.items()})
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
         self._print_report(report)
         if self.save_dir is not None:

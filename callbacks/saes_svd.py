@@ -36,6 +36,8 @@ class SAESSVD(LowRankCompression):
         blocks: see :class:`~prehab.callbacks.LowRankCompression`.
         damping: see :class:`~prehab.callbacks.LowRankCompression`.
         verbose: see :class:`~prehab.callbacks.LowRankCompression`.
+        compare: see :class:`~prehab.callbacks.LowRankCompression`.
+        evaluate: see :class:`~prehab.callbacks.LowRankCompression`.
     """
 
     method = "saes_svd"
@@ -57,9 +59,20 @@ class SAESSVD(LowRankCompression):
         blocks: str | None = None,
         damping: float = 1e-6,
         verbose: bool = False,
+        compare: list[str] | None = None,
+        evaluate: bool = True,
     ) -> None:
         super().__init__(
-            ratio, targets, calibration_batches, calibration_dataloader, save_dir, blocks, damping, verbose
+            ratio,
+            targets,
+            calibration_batches,
+            calibration_dataloader,
+            save_dir,
+            blocks,
+            damping,
+            verbose,
+            compare,
+            evaluate,
         )
         if beta is not None and not 0.0 <= beta <= 1.0:
             raise ValueError(

@@ -35,10 +35,21 @@ class SVDLLM(LowRankCompression):
         blocks: str | None = None,
         damping: float = 1e-6,
         verbose: bool = False,
+        compare: list[str] | None = None,
+        evaluate: bool = True,
         propagate: bool = False,
     ) -> None:
         super().__init__(
-            ratio, targets, calibration_batches, calibration_dataloader, save_dir, blocks, damping, verbose
+            ratio,
+            targets,
+            calibration_batches,
+            calibration_dataloader,
+            save_dir,
+            blocks,
+            damping,
+            verbose,
+            compare,
+            evaluate,
         )
         self.propagate = propagate
         self.two_stream = propagate

@@ -7,6 +7,17 @@ fixed calibration set; evaluation loaders never repeat samples under DDP.
 from .alpaca import Alpaca, alpaca_prompt
 from .glue import GLUE, GLUE_TASKS
 from .imagenet import ImageNet
+from .stdlib_text import StdlibText
 from .text import PTB, TextDataModule, WikiText
 
-__all__ = ["GLUE", "GLUE_TASKS", "PTB", "Alpaca", "ImageNet", "TextDataModule", "WikiText", "alpaca_prompt"]
+__all__ = [
+    "GLUE",
+    "GLUE_TASKS",
+    "PTB",
+    "Alpaca",
+    "ImageNet",
+    "StdlibText",
+    "TextDataModule",
+    "WikiText",
+    "alpaca_prompt",
+]

@@ -8,9 +8,13 @@ from typing import Any
 
 import torch
 from lightning.pytorch.utilities import move_data_to_device
-from torch import nn
+from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-__all__ = ["CalibrationForwardError", "calibration_forward", "take_batches"]
+from prehab.lowrank import dense_weight
+from prehab.stats import CovarianceCollector, calibration_forward_context
+
+__all__ = ["CalibrationForwardError", "calibration_forward", "collect_input_covariances", "take_batches"]
 
 LABEL_KEYS = ("labels", "label", "targets", "target", "y")
 
@@ -53,3 +57,40 @@ def calibration_forward(model: nn.Module, batch: Any) -> Any:
             "run its forward on one batch (dict batches are called as model(**batch) minus labels, "
             "tuples as model(batch[0]))."
         ) from err
+
+
+def collect_input_covariances(
+    model: nn.Module,
+    targets: Mapping[str, nn.Module],
+    dataloader: Iterable,
+    num_batches: int,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+    desc: str = "calibration",
+) -> tuple[dict[str, Tensor], int]:
+    """Mean input covariance ``G = XXᵀ / n`` of every target over this rank's share of the first
+    ``num_batches`` batches, summed over DDP ranks. Returns ``({name: G}, rows per layer)``; layers that
+    never ran are left out.
+    """
+    if num_batches < world_size:
+        raise ValueError(
+            f"calibration_batches={num_batches} is smaller than the {world_size} DDP ranks: every rank "
+            "needs at least one batch. Raise calibration_batches."
+        )
+    device = dense_weight(next(iter(targets.values()))).device
+    features = {name: dense_weight(m).shape[1] for name, m in targets.items()}
+    collector = CovarianceCollector(targets, features, device=device)
+    available = min(num_batches, len(dataloader)) if hasattr(dataloader, "__len__") else None
+    total = None if available is None else len(range(rank, available, world_size))
+    batches = take_batches(dataloader, num_batches, rank, world_size)
+    with calibration_forward_context(model), collector.hooks():
+        for batch in tqdm(batches, desc=f"{desc}: calibrating", disable=not progress, unit="batch", total=total):
+            calibration_forward(model, batch)
+    if not collector.stats:  # decided identically on every rank only if every rank has batches
+        raise ValueError(
+            "calibration produced no samples for the targeted layers: the calibration dataloader is empty "
+            "or the targeted layers are not used in the forward pass."
+        )
+    collector.all_reduce_()
+    return collector.means(), max(stat.count for stat in collector.unique())

@@ -95,6 +95,42 @@ class _Runner:
         return stage(*args, **kwargs)
 
 
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    try:
+        return bool(a == b)
+    except Exception:  # objects without a usable ==
+        return False
+
+
+def _check_blocks_share_kwargs(model: nn.Module, blocks: nn.Module, batch: Any) -> None:
+    """Every block must get the same non-hidden inputs as block 0 (cached once and reused for all blocks).
+
+    Models that pass per-layer inputs (e.g. sliding-window masks on some layers) would be silently wrong.
+    """
+    seen: list[dict] = []
+    handles = [b.register_forward_pre_hook(lambda _m, _a, kw: seen.append(dict(kw)), with_kwargs=True) for b in blocks]
+    try:
+        calibration_forward(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    skip = {"hidden_states", "past_key_values", "past_key_value", "layer_past", "use_cache", "cache_position"}
+    for index, kwargs in enumerate(seen[1:], start=1):
+        for key in set(kwargs) | set(seen[0]):
+            if key not in skip and not _same(kwargs.get(key), seen[0].get(key)):
+                raise ValueError(
+                    f"block {index} is called with a different {key!r} than block 0 (per-layer inputs, e.g. "
+                    "sliding-window attention masks). The two-stream pipeline reuses block 0's inputs for every "
+                    "block, so it cannot compress this model: use the one-stream SVDLLM or SVD instead."
+                )
+
+
 def _capture_block_inputs(model: nn.Module, block: nn.Module, batches: list, runner: _Runner) -> list[tuple]:
     captured: list[tuple] = []
 
@@ -210,6 +246,7 @@ def sequential_compress(
                         (block_prefix, block, {n: m for n, m in targets.items() if n.startswith(block_prefix)})
                     )
                 runner = _Runner(whole_model=False, device=device, offload=device.type != "cpu")
+                _check_blocks_share_kwargs(model, container, batches[0])
                 original_inputs = _capture_block_inputs(model, container[0], batches, runner)
                 shifted_inputs = list(original_inputs)
 

@@ -40,6 +40,8 @@ class CompressionReport:
     model_params_after: int = 0
     calibration_samples: int = 0  # rows (tokens/patches) seen per layer
     seconds: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # stage ("dense", method) -> metrics
+    comparison: list[dict[str, Any]] = field(default_factory=list)  # other methods run on copies, same ratio
 
     def totals(self) -> dict[str, Any]:
         before = sum(layer.params_before for layer in self.layers)
@@ -67,6 +69,8 @@ class CompressionReport:
             "calibration_samples": self.calibration_samples,
             "seconds": self.seconds,
             "totals": self.totals(),
+            "metrics": self.metrics,
+            "comparison": self.comparison,
             "layers": [asdict(layer) for layer in self.layers],
         }
 
@@ -122,3 +126,32 @@ class CompressionReport:
         if console.width < 140:
             console = Console(file=console.file, width=140)
         console.print(self.table())
+        if self.metrics or self.comparison:
+            console.print(self.metrics_table())
+
+    def metrics_table(self) -> Table:
+        """Metrics of the dense model, this method and the compared methods, side by side."""
+        rows = [("dense", self.model_params_before, None, self.metrics.get("dense", {}))]
+        rows += [
+            (c["method"], c["model_params_after"], c["mean_relative_error"], c["metrics"]) for c in self.comparison
+        ]
+        rows.append(
+            (
+                self.method,
+                self.model_params_after,
+                self.totals()["mean_relative_error"],
+                self.metrics.get(self.method, {}),
+            )
+        )
+        names = sorted({k for *_, metrics in rows for k in metrics})
+        table = Table(title=f"metrics before and after compression (ratio {self.ratio:g})")
+        for column in ["model", "params", "mean rel. error", *names]:
+            table.add_column(column, justify="left" if column == "model" else "right")
+        for model, params, error, metrics in rows:
+            table.add_row(
+                model,
+                f"{params:,}",
+                "-" if error is None else f"{error:.3g}",
+                *[f"{metrics[n]:.4g}" if n in metrics else "-" for n in names],
+            )
+        return table

@@ -86,21 +86,32 @@ def input_hooks(modules: Mapping[str, nn.Module], fn: Callable[[str, Tensor], No
 class CovarianceCollector:
     """Accumulates ``G = XXᵀ`` of each named module's input over calibration forwards.
 
-    Modules fed the very same tensor (q/k/v, gate/up) share one product instead of three.
-    Use as ``with collector.hooks(): model(batch)``.
+    Modules fed the very same tensor (q/k/v, gate/up) share one product and one accumulator: the
+    first batch finds them (accumulators are allocated lazily), which keeps memory at one ``in x in``
+    matrix per distinct input. Use as ``with collector.hooks(): model(batch)``.
     """
 
     def __init__(self, modules: Mapping[str, nn.Module], features: Mapping[str, int], device=None) -> None:
         self.modules = dict(modules)
-        self.stats = {name: RunningCovariance(features[name], device=device) for name in self.modules}
+        self.features, self.device = dict(features), device
+        self.stats: dict[str, RunningCovariance] = {}
         self._last_input: Tensor | None = None
         self._last_product: Tensor | None = None
+        self._last_owner: str | None = None
 
     def _observe(self, name: str, x: Tensor) -> None:
-        if x is not self._last_input:
-            flat = x.detach().reshape(-1, x.shape[-1]).float()
-            self._last_input, self._last_product = x, flat.mT @ flat
-        self.stats[name].add_(self._last_product, x.numel() // x.shape[-1])
+        rows = x.numel() // x.shape[-1]
+        if x is self._last_input:
+            if name not in self.stats:  # first sight: share the owner's accumulator
+                self.stats[name] = self.stats[self._last_owner]
+            if self.stats[name] is not self.stats[self._last_owner]:
+                self.stats[name].add_(self._last_product, rows)
+            return
+        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        self._last_input, self._last_product, self._last_owner = x, flat.mT @ flat, name
+        if name not in self.stats:
+            self.stats[name] = RunningCovariance(self.features[name], device=self.device)
+        self.stats[name].add_(self._last_product, rows)
 
     @contextlib.contextmanager
     def hooks(self) -> Iterator[CovarianceCollector]:
@@ -110,9 +121,17 @@ class CovarianceCollector:
         finally:  # never keep an activation alive past the forward
             self._last_input = self._last_product = None
 
+    def unique(self) -> list[RunningCovariance]:
+        return list({id(stat): stat for stat in self.stats.values()}.values())
+
     def all_reduce_(self) -> None:
-        for stat in self.stats.values():
+        for stat in self.unique():  # a shared accumulator must be reduced once
             stat.all_reduce_()
+
+    def means(self) -> dict[str, Tensor]:
+        """``{name: G / count}`` for every module that saw input; shared accumulators give one tensor."""
+        cache: dict[int, Tensor] = {}
+        return {name: cache.setdefault(id(stat), stat.mean()) for name, stat in self.stats.items() if stat.count}
 
 
 @contextlib.contextmanager

@@ -84,8 +84,14 @@ def test_max_eval_windows_keeps_the_first_windows(tokenizer):
 
 def calibration_windows(tokenizer, seed: int) -> torch.Tensor:
     datamodule = WikiText(
-        dataset=str(WIKI_DIR), tokenizer=tokenizer, seq_len=64, calibration_split="valid",
-        train_split="valid", calibration_samples=6, batch_size=4, seed=seed,
+        dataset=str(WIKI_DIR),
+        tokenizer=tokenizer,
+        seq_len=64,
+        calibration_split="valid",
+        train_split="valid",
+        calibration_samples=6,
+        batch_size=4,
+        seed=seed,
     )
     return torch.cat([batch["input_ids"] for batch in datamodule.calibration_dataloader()])
 
@@ -104,8 +110,9 @@ def test_calibration_windows_are_seeded(tokenizer):
 
 
 def test_calibration_shards_are_disjoint_and_complete(tokenizer):
-    datamodule = WikiText(dataset=str(WIKI_DIR), tokenizer=tokenizer, seq_len=32, train_split="valid",
-                          calibration_samples=5, batch_size=8)
+    datamodule = WikiText(
+        dataset=str(WIKI_DIR), tokenizer=tokenizer, seq_len=32, train_split="valid", calibration_samples=5, batch_size=8
+    )
     whole = next(iter(datamodule.calibration_dataloader()))["input_ids"]
     shard0 = next(iter(datamodule.calibration_dataloader(num_replicas=2, rank=0)))["input_ids"]
     shard1 = next(iter(datamodule.calibration_dataloader(num_replicas=2, rank=1)))["input_ids"]
@@ -226,8 +233,14 @@ def test_alpaca_prompt_masking_cutoff_and_val_split(tokenizer):
 
 def test_imagenet_sample_folder_transforms_and_labels():
     datamodule = ImageNet(
-        root=str(IMAGENET_SAMPLE_DIR), model_name="vit_tiny_patch16_224", data_config={"input_size": (3, 64, 64)},
-        calibration_split="val", calibration_samples=5, max_eval_samples=6, batch_size=3, num_workers=2,
+        root=str(IMAGENET_SAMPLE_DIR),
+        model_name="vit_tiny_patch16_224",
+        data_config={"input_size": (3, 64, 64)},
+        calibration_split="val",
+        calibration_samples=5,
+        max_eval_samples=6,
+        batch_size=3,
+        num_workers=2,
     )
     images, labels = next(iter(datamodule.val_dataloader()))
     assert images.shape == (3, 3, 64, 64) and images.dtype == torch.float32
@@ -235,8 +248,15 @@ def test_imagenet_sample_folder_transforms_and_labels():
     assert labels.dtype == torch.int64 and bool(((labels >= 0) & (labels < 1000) & (labels % 2 == 0)).all())
     assert datamodule.data_config["mean"] == (0.5, 0.5, 0.5)  # from the ViT's pretrained config
 
-    folders = ImageNet(root=str(IMAGENET_SAMPLE_DIR), label_space="folders", data_config={"input_size": (3, 32, 32)},
-                       calibration_split="val", calibration_samples=5, batch_size=5, num_workers=0)
+    folders = ImageNet(
+        root=str(IMAGENET_SAMPLE_DIR),
+        label_space="folders",
+        data_config={"input_size": (3, 32, 32)},
+        calibration_split="val",
+        calibration_samples=5,
+        batch_size=5,
+        num_workers=0,
+    )
     assert folders.num_classes == 500
     folder_images, folder_labels = next(iter(folders.calibration_dataloader()))
     imagenet_labels = torch.cat([labels for _, labels in datamodule.calibration_dataloader()])
@@ -258,7 +278,11 @@ def test_ddp_validation_counts_every_window_once(tokenizer, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(
         [sys.executable, str(script), str(tmp_path / "tok"), str(out)],
-        capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=tmp_path,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -270,15 +294,43 @@ def test_ddp_validation_counts_every_window_once(tokenizer, tmp_path):
 
 def write_mnli_folder(root: Path) -> None:
     """A 3-row-per-file MNLI folder in the glue_data layout (real header, gold_label last)."""
-    header = ["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
-              "sentence1_parse", "sentence2_parse", "sentence1", "sentence2", "label1", "gold_label"]
+    header = [
+        "index",
+        "promptID",
+        "pairID",
+        "genre",
+        "sentence1_binary_parse",
+        "sentence2_binary_parse",
+        "sentence1_parse",
+        "sentence2_parse",
+        "sentence1",
+        "sentence2",
+        "label1",
+        "gold_label",
+    ]
     labels = ["neutral", "contradiction", "entailment"]
     (root / "MNLI").mkdir(parents=True)
     for stem in ("train", "dev_matched", "dev_mismatched"):
         lines = ["\t".join(header)]
         for i, label in enumerate(labels):
-            lines.append("\t".join([str(i), "1", "1n", stem, "(a)", "(b)", "(a)", "(b)",
-                                    f"The {stem} premise {i} .", f"A hypothesis {i} .", label, label]))
+            lines.append(
+                "\t".join(
+                    [
+                        str(i),
+                        "1",
+                        "1n",
+                        stem,
+                        "(a)",
+                        "(b)",
+                        "(a)",
+                        "(b)",
+                        f"The {stem} premise {i} .",
+                        f"A hypothesis {i} .",
+                        label,
+                        label,
+                    ]
+                )
+            )
         (root / "MNLI" / f"{stem}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -291,5 +343,6 @@ def test_mnli_has_matched_and_mismatched_validation(tokenizer, tmp_path):
     labels = [next(iter(loader))["labels"].tolist() for loader in loaders]
     assert labels == [[1, 2, 0], [1, 2, 0]]  # Hugging Face ids: entailment 0, neutral 1, contradiction 2
     assert datamodule.num_labels == 3
-    assert evaluate_classification(nn.Identity(), [(torch.eye(3)[[1, 2, 2]], torch.tensor([1, 2, 0]))],
-                                   datamodule.metrics()) == {"accuracy": pytest.approx(2 / 3)}
+    assert evaluate_classification(
+        nn.Identity(), [(torch.eye(3)[[1, 2, 2]], torch.tensor([1, 2, 0]))], datamodule.metrics()
+    ) == {"accuracy": pytest.approx(2 / 3)}

@@ -38,3 +38,40 @@ def test_ddp_ranks_identical_and_equal_to_single_process(tmp_path):
                     zero[key] @ zero[down], reference[key] @ reference[down], rtol=1e-4, atol=1e-5
                 )
     assert ranks[0]["samples"] == 8 * 4 * 16  # the all-reduced count covers both shards
+
+
+def test_prehab_under_ddp_whitening_identical_and_equal_to_union(tmp_path):
+    from conftest import tiny_llama
+    from test_module import Bytes
+
+    from prehab.calibration import collect_input_covariances
+    from prehab.linalg import damped_cholesky
+    from prehab.module import PrehabModule
+
+    script = Path(__file__).parent / "ddp_prehab_script.py"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"prehab_rank{r}.pt") for r in (0, 1)]
+    assert len(ranks[0]["whitening"]) == 14
+    for key, value in ranks[0]["whitening"].items():
+        assert torch.equal(value, ranks[1]["whitening"][key]), key
+    # Single process over the union of both shards (the first 4 calibration batches), on the initial weights.
+    torch.manual_seed(0)
+    module = PrehabModule(model=tiny_llama(), lam=0.05, calibration_batches=4)
+    targets = {n: module.model.get_submodule(n) for n in module.target_names}
+    covariances, _ = collect_input_covariances(
+        module.model, targets, Bytes().calibration_dataloader(), 4, progress=False
+    )
+    for name in module.target_names:
+        expected = damped_cholesky(covariances[name]).factor.float()
+        torch.testing.assert_close(
+            ranks[0]["whitening"]["whitening." + name.replace(".", "__")], expected, rtol=1e-4, atol=1e-5
+        )
+    # Surgery ran at fit end on the prehab'd weights, identically on both ranks.
+    assert ranks[0]["compressed"]["layers_compressed"] == 14
+    assert any(k.endswith("mlp.down_proj.up.weight") for k in ranks[0]["state"])
+    for key, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][key]), key

@@ -56,8 +56,9 @@ def reference_perplexity(model: nn.Module, batches: list[dict[str, torch.Tensor]
 def test_perplexity_matches_hand_written_loop(model, windows):
     expected = reference_perplexity(model, [{"input_ids": windows}])
     from_tensor = perplexity(model, windows, batch_size=4)  # batches of 4 and 2 windows
-    loader = DataLoader([{"input_ids": w, "attention_mask": torch.ones_like(w), "labels": w} for w in windows],
-                        batch_size=5)
+    loader = DataLoader(
+        [{"input_ids": w, "attention_mask": torch.ones_like(w), "labels": w} for w in windows], batch_size=5
+    )
     from_loader = perplexity(model, loader)
     assert from_tensor == pytest.approx(expected, rel=1e-5)
     assert from_loader == pytest.approx(expected, rel=1e-5)

@@ -62,7 +62,10 @@ def test_collector_shares_products_for_one_input_and_matches_reference():
     x = torch.cat([b.reshape(-1, 6) for b in batches]).double()
     inner = torch.cat([(model.q(b) * model.k(b)).reshape(-1, 6) for b in batches]).double().detach()
     torch.testing.assert_close(collector.stats["q"].mean(), x.T @ x / 60)
-    torch.testing.assert_close(collector.stats["k"].sum, collector.stats["q"].sum)
+    assert collector.stats["k"] is collector.stats["q"]  # one accumulator for one input
+    assert collector.stats["o"] is not collector.stats["q"] and len(collector.unique()) == 2
+    means = collector.means()
+    assert means["q"] is means["k"]
     torch.testing.assert_close(collector.stats["o"].mean(), inner.T @ inner / 60, rtol=1e-5, atol=1e-6)
     assert collector._last_input is None  # no activation kept alive after the hooks
 

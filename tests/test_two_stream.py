@@ -253,3 +253,35 @@ def test_targets_outside_blocks_are_refused_by_two_stream_methods():
     with pytest.raises(ValueError, match="outside the repeated blocks"):
         AASVD(ratio=0.5, targets=["lm_head", "q_proj"]).compress(module, loader_for("llama"), progress=False)
     assert not any(isinstance(m, LowRankLinear) for m in module.modules())
+
+
+class ScaledBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, hidden, scale=None):
+        return hidden + self.fc2(torch.relu(self.fc1(hidden * scale)))
+
+
+class PerLayerInputs(nn.Module):
+    """Each block gets its own `scale` tensor, like per-layer sliding-window masks."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(ScaledBlock() for _ in range(3))
+
+    def forward(self, x):
+        for index, layer in enumerate(self.layers):
+            x = layer(x, scale=torch.full((16,), 1.0 + index))
+        return x
+
+
+def test_blocks_with_per_layer_inputs_are_refused_before_any_change():
+    model = PerLayerInputs()
+    loader = DataLoader(TensorDataset(torch.randn(32, 5, 16)), batch_size=8)
+    with pytest.raises(ValueError, match=r"block 1 is called with a different 'scale'.*one-stream SVDLLM"):
+        AASVD(ratio=0.5).compress(model, loader, progress=False)
+    assert not any(isinstance(m, LowRankLinear) for m in model.modules())
+    SVDLLM(ratio=0.5).compress(model, loader, progress=False)  # the one-stream method is fine
+    assert isinstance(model.layers[2].fc2, LowRankLinear)

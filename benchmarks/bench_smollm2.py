@@ -1,0 +1,124 @@
+"""Real-model check and two-stream cost: SmolLM2-135M on WikiText-2, every surgery method.
+
+The DESIGN's reference point: 32 calibration windows of 512 tokens drawn at random from WikiText-2 raw
+valid, perplexity over the first 24 non-overlapping 512-token windows of WikiText-2 raw test (dense 32.6;
+SVD-LLM ≈ 124 at 20% removed, ≈ 384 at 40%; plain SVD above 1e7).
+
+    python ../shared/tools/fetch_models.py --only smollm2          # once: writes $PREHAB_ASSETS/smollm2-135m
+    python benchmarks/bench_smollm2.py --model $PREHAB_ASSETS/smollm2-135m --data ../shared/data/wikitext-2-raw
+
+For each method it reports perplexity, compression wall time divided by the time of one plain forward pass
+over the same calibration set, and the peak resident memory during compression above the dense model's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import threading
+import time
+
+import psutil
+import torch
+from transformers import AutoModelForCausalLM
+
+from prehab.callbacks import AASVD, SAESSVD, SVD, SVDLLM
+from prehab.datamodules import WikiText
+from prehab.evaluation import perplexity
+from prehab.stats import calibration_forward_context
+
+METHODS = {
+    "svd": lambda r, n: SVD(ratio=r, calibration_batches=n),
+    "svd_llm": lambda r, n: SVDLLM(ratio=r, calibration_batches=n),
+    "svd_llm_propagate": lambda r, n: SVDLLM(ratio=r, calibration_batches=n, propagate=True),
+    "aa_svd": lambda r, n: AASVD(ratio=r, calibration_batches=n),
+    "saes_svd": lambda r, n: SAESSVD(ratio=r, calibration_batches=n),
+}
+
+
+class PeakRSS:
+    """Samples this process's resident memory every 50 ms while active."""
+
+    def __init__(self) -> None:
+        self.process, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+
+    def __enter__(self) -> PeakRSS:
+        self.start = self.peak = self.process.memory_info().rss
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="Hugging Face folder of SmolLM2-135M")
+    parser.add_argument("--data", required=True, help="folder with wiki.valid.raw and wiki.test.raw")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--calibration-samples", type=int, default=32)
+    parser.add_argument("--eval-windows", type=int, default=24)
+    parser.add_argument("--seq-len", type=int, default=512)
+    args = parser.parse_args()
+
+    data = WikiText(
+        dataset=args.data,
+        tokenizer=args.model,
+        seq_len=args.seq_len,
+        train_split="valid",
+        calibration_split="valid",
+        calibration_samples=args.calibration_samples,
+        max_eval_windows=args.eval_windows,
+        batch_size=4,
+        seed=0,
+    )
+    data.setup("test")
+    calibration = list(data.calibration_dataloader())
+    test = data.test_dataloader()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    start = time.perf_counter()
+    with calibration_forward_context(model):
+        for batch in calibration:
+            model(input_ids=batch["input_ids"])
+    forward_seconds = time.perf_counter() - start
+    dense_ppl = perplexity(model, test)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; {sum(p.numel() for p in model.parameters()):,} "
+        f"params; calibration {len(calibration)} batches x {calibration[0]['input_ids'].shape}; "
+        f"protocol {data.eval_protocol('test')}"
+    )
+    print(f"dense perplexity {dense_ppl:.2f}; one plain forward over the calibration set: {forward_seconds:.1f} s\n")
+    print(
+        "| method | ratio | perplexity | compression (s) | / plain forward | peak RSS above start (MiB) "
+        "| dense model (MiB) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    print(f"| dense | - | {dense_ppl:.2f} | - | - | - | {dense_bytes / 2**20:.0f} |", flush=True)
+    for ratio in args.ratios:
+        for name in args.methods:
+            compressed = copy.deepcopy(model)
+            callback = METHODS[name](ratio, len(calibration))
+            with PeakRSS() as memory:
+                tick = time.perf_counter()
+                callback.compress(compressed, calibration, progress=False)
+                seconds = time.perf_counter() - tick
+            ppl = perplexity(compressed, test)
+            print(
+                f"| {name} | {ratio:g} | {ppl:,.2f} | {seconds:.1f} | {seconds / forward_seconds:.2f}x "
+                f"| {(memory.peak - memory.start) / 2**20:.0f} | {dense_bytes / 2**20:.0f} |",
+                flush=True,
+            )
+            del compressed
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,391 @@
+"""``PrehabModule``: fine-tune with a rank penalty on activation-whitened weights (Low-Rank Prehab).
+
+Loss = task loss + λ(t) · Σ_ℓ λ_ℓ · R(W_ℓ L_ℓ), where ``L_ℓ`` is the Cholesky factor of layer ℓ's input
+covariance, collected once before the first training step (``on_train_start``; all-reduced under DDP) and kept
+as a frozen buffer that travels with checkpoints, so a resumed run does not recollect it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from prehab.calibration import collect_input_covariances
+from prehab.linalg import damped_cholesky, rank_from_ratio
+from prehab.lowrank import LowRankCheckpointMixin, dense_weight
+from prehab.regularizers import get_regularizer, stable_rank_exact
+from prehab.targets import resolve_targets
+
+__all__ = ["PrehabModule", "TASKS"]
+
+TASKS = ("causal_lm", "sequence_classification", "regression", "image_classification")
+WHITENING_PREFIX = "whitening."
+
+
+def resolve_model_path(model: str) -> str:
+    """``"prehab:<name>"`` -> the folder of a config shipped inside the package (offline quickstart)."""
+    if model.startswith("prehab:"):
+        assets = Path(__file__).parent / "assets"
+        folder = assets / model.removeprefix("prehab:")
+        if not (folder / "config.json").is_file():
+            raise ValueError(
+                f"model={model!r}: no such packaged model; packaged: {sorted(p.name for p in assets.iterdir())}."
+            )
+        return str(folder)
+    return model
+
+
+def _build_backbone(
+    model: str | nn.Module, task: str, num_labels: int | None, pretrained: bool, model_kwargs: dict[str, Any]
+) -> nn.Module:
+    if isinstance(model, nn.Module):
+        return model
+    model = resolve_model_path(model)
+    if task == "image_classification" or model.startswith("timm:"):
+        import timm
+
+        name = model.removeprefix("timm:")
+        extra = {"num_classes": num_labels} if num_labels is not None else {}
+        return timm.create_model(name, pretrained=pretrained, **extra, **model_kwargs)
+    import transformers
+
+    auto = transformers.AutoModelForCausalLM if task == "causal_lm" else transformers.AutoModelForSequenceClassification
+    extra = {} if task == "causal_lm" else {"num_labels": 1 if task == "regression" else (num_labels or 2)}
+    if pretrained:
+        return auto.from_pretrained(model, **extra, **model_kwargs)
+    config = transformers.AutoConfig.from_pretrained(model, **extra, **model_kwargs)
+    return auto.from_config(config)
+
+
+class PrehabModule(LowRankCheckpointMixin, pl.LightningModule):
+    """Low-Rank Prehab: a short fine-tune whose penalty makes the later low-rank surgery lose little.
+
+    Args:
+        model: the backbone: a Hugging Face name or folder, ``"timm:<name>"`` (or any timm name with
+            ``task="image_classification"``), ``"prehab:byte-llama"`` (a small config shipped with the package,
+            for the offline quickstart; use ``pretrained: false``), or an ``nn.Module``.
+        task: ``"causal_lm"``, ``"sequence_classification"``, ``"regression"`` or ``"image_classification"``;
+            fixes the loss and the validation metrics.
+        num_labels: classes for classification tasks.
+        pretrained: load pretrained weights (False: the architecture from its config, randomly initialized).
+        model_kwargs: extra arguments for ``from_pretrained`` / ``AutoConfig`` / ``timm.create_model``.
+        regularizer: ``"stable_rank"`` (randomized sketch), ``"nuclear"`` (exact), ``"tail"`` (energy past the
+            target rank), or a callable ``R(A) -> scalar``.
+        lam: the penalty weight λ (0 = plain fine-tuning).
+        lam_warmup_steps: λ ramps linearly from 0 over this many steps.
+        layer_weights: per-layer weights λ_ℓ, ``{regex: weight}`` searched in layer names (first match wins;
+            default 1).
+        targets: layers to regularize (same semantics as the compression callbacks' ``targets``).
+        tail_ratio: ratio whose rank the ``tail`` regularizer aims at; default: the ``ratio`` of a compression
+            callback in the same Trainer.
+        calibration_batches: batches used to collect the whitening covariances.
+        whitening_refresh_every: recollect the whitening factors every N steps (0 = never).
+        damping: first relative damping for non-positive-definite covariances.
+        lr: learning rate of the default optimizer (AdamW with weight decay 0.01).
+        optimizer: optimizer factory (from the CLI: ``--model.optimizer AdamW``); overrides ``lr``.
+        scheduler: LR scheduler factory; default cosine decay over the run.
+    """
+
+    def __init__(
+        self,
+        model: str | nn.Module,
+        task: str = "causal_lm",
+        num_labels: int | None = None,
+        pretrained: bool = True,
+        model_kwargs: dict[str, Any] | None = None,
+        regularizer: str | Callable[[Tensor], Tensor] = "stable_rank",
+        lam: float = 1e-3,
+        lam_warmup_steps: int = 0,
+        layer_weights: dict[str, float] | None = None,
+        targets: str | list[str] | None = None,
+        tail_ratio: float | None = None,
+        calibration_batches: int = 16,
+        whitening_refresh_every: int = 0,
+        damping: float = 1e-6,
+        lr: float = 5e-5,
+        optimizer: OptimizerCallable | None = None,
+        scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        if task not in TASKS:
+            raise ValueError(f"task={task!r} is invalid; valid values: {', '.join(map(repr, TASKS))}.")
+        self.penalty_fn = get_regularizer(regularizer)  # raises with the valid names
+        if not isinstance(lam, int | float) or lam < 0:
+            raise ValueError(f"lam={lam!r} is invalid: the penalty weight must be >= 0 (0 = plain fine-tuning).")
+        for name, value in (
+            ("lam_warmup_steps", lam_warmup_steps),
+            ("whitening_refresh_every", whitening_refresh_every),
+        ):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}={value!r} is invalid: use an integer >= 0.")
+        if not isinstance(calibration_batches, int) or calibration_batches < 1:
+            raise ValueError(f"calibration_batches={calibration_batches!r} is invalid: use an integer >= 1.")
+        if tail_ratio is not None and not 0 < tail_ratio < 1:
+            raise ValueError(f"tail_ratio={tail_ratio!r} is invalid: use a fraction in (0, 1) or None.")
+        if (
+            task in ("sequence_classification", "image_classification")
+            and num_labels is None
+            and not isinstance(model, nn.Module)
+        ):
+            raise ValueError(f"num_labels is required for task={task!r} (e.g. num_labels=2).")
+        self.save_hyperparameters(
+            ignore=["model", "optimizer", "scheduler"] if isinstance(model, nn.Module) else ["optimizer", "scheduler"]
+        )
+        self.task, self.regularizer_name = task, regularizer if isinstance(regularizer, str) else "custom"
+        self.lam, self.lam_warmup_steps, self.tail_ratio = float(lam), lam_warmup_steps, tail_ratio
+        self.calibration_batches, self.whitening_refresh_every, self.damping = (
+            calibration_batches,
+            whitening_refresh_every,
+            damping,
+        )
+        self.lr, self.optimizer_factory, self.scheduler_factory = lr, optimizer, scheduler
+        self.model = _build_backbone(model, task, num_labels, pretrained, dict(model_kwargs or {}))
+        # Validate targets now, before any training: names relative to the backbone.
+        self.target_names = list(resolve_targets(self.model, targets))
+        self.layer_weights = self._layer_weights(layer_weights or {})
+        self.whitening = nn.Module()  # buffers "<layer name with __>" = lower Cholesky factors
+        self.val_metrics = self._metrics(num_labels)
+
+    # ------------------------------------------------------------------ setup
+    def _layer_weights(self, patterns: dict[str, float]) -> dict[str, float]:
+        compiled = [(re.compile(p), float(w)) for p, w in patterns.items()]
+        for pattern, weight in compiled:
+            if weight < 0:
+                raise ValueError(f"layer_weights[{pattern.pattern!r}]={weight} is invalid: weights must be >= 0.")
+            if not any(pattern.search(n) for n in self.target_names):
+                raise ValueError(
+                    f"layer_weights: pattern {pattern.pattern!r} matches no targeted layer "
+                    f"(targets include {self.target_names[:4]})."
+                )
+        return {n: next((w for p, w in compiled if p.search(n)), 1.0) for n in self.target_names}
+
+    def _metrics(self, num_labels: int | None) -> torchmetrics.MetricCollection:
+        if self.task == "causal_lm":
+            from prehab.evaluation import TokenPerplexity
+
+            return torchmetrics.MetricCollection({"perplexity": TokenPerplexity()})
+        if self.task == "regression":
+            return torchmetrics.MetricCollection(
+                {"pearson": torchmetrics.PearsonCorrCoef(), "spearman": torchmetrics.SpearmanCorrCoef()}
+            )
+        classes = num_labels or getattr(getattr(self.model, "config", None), "num_labels", None) or 2
+        return torchmetrics.MetricCollection({"accuracy": torchmetrics.Accuracy("multiclass", num_classes=classes)})
+
+    @property
+    def tokenizer(self) -> Any:
+        """The backbone's tokenizer (datamodules built with ``tokenizer=None`` take it from here)."""
+        if getattr(self, "_tokenizer", None) is None:
+            from transformers import AutoTokenizer
+
+            source = self.hparams.get("model")
+            if not isinstance(source, str) or source.startswith(("prehab:", "timm:")):
+                raise ValueError("this model has no Hugging Face tokenizer; pass tokenizer= to the datamodule.")
+            self._tokenizer = AutoTokenizer.from_pretrained(source)
+        return self._tokenizer
+
+    def _buffer_name(self, layer: str) -> str:
+        return layer.replace(".", "__")
+
+    def whitening_factor(self, layer: str) -> Tensor | None:
+        return getattr(self.whitening, self._buffer_name(layer), None)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        # The whitening buffers exist only after collection: create them so the state dict loads.
+        for key, value in checkpoint.get("state_dict", {}).items():
+            if key.startswith(WHITENING_PREFIX):
+                self.whitening.register_buffer(key[len(WHITENING_PREFIX) :], torch.empty_like(value))
+
+    def on_train_start(self) -> None:  # data is set up by now; runs before the first training step
+        if self.lam > 0 and any(self.whitening_factor(n) is None for n in self.target_names):
+            self.collect_whitening()
+
+    @torch.no_grad()
+    def collect_whitening(self) -> None:
+        """Input covariances of the targeted layers on calibration data -> Cholesky factors (buffers)."""
+        trainer = self.trainer
+        datamodule = trainer.datamodule
+        if datamodule is not None and hasattr(datamodule, "calibration_dataloader"):
+            loader, sharded = datamodule.calibration_dataloader(), False
+        elif datamodule is not None:
+            loader, sharded = datamodule.train_dataloader(), False
+        else:  # dataloaders passed to fit(): Lightning already sharded them per rank
+            loader, sharded = trainer.train_dataloader, True
+            loader = getattr(loader, "iterables", loader)
+        targets = {n: self.model.get_submodule(n) for n in self.target_names}
+        covariances, _ = collect_input_covariances(
+            self.model,
+            targets,
+            loader,
+            self.calibration_batches,
+            0 if sharded else trainer.global_rank,
+            1 if sharded else trainer.world_size,
+            progress=trainer.is_global_zero,
+            desc="prehab whitening",
+        )
+        for name in self.target_names:
+            if name not in covariances:
+                raise ValueError(f"targeted layer {name!r} received no input on the calibration data.")
+            factor = damped_cholesky(covariances[name], initial_damping=self.damping).factor
+            self.whitening.register_buffer(self._buffer_name(name), factor.to(dense_weight(targets[name]).dtype))
+
+    # ------------------------------------------------------------------ the loss
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def calibration_step(self, batch: Any) -> Any:
+        return self.model(**_model_inputs(batch)) if isinstance(batch, dict) else self.model(batch[0])
+
+    def task_loss(self, batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(loss, predictions or logits, targets)."""
+        if self.task == "causal_lm":
+            out = self.model(**_model_inputs(batch), labels=batch.get("labels", batch["input_ids"]))
+            return out.loss, out.logits, None
+        if isinstance(batch, dict):
+            labels = batch["labels"] if "labels" in batch else batch["label"]
+            logits = self.model(**_model_inputs(batch)).logits
+        else:
+            inputs, labels = batch[0], batch[1]
+            logits = self.model(inputs)
+            logits = getattr(logits, "logits", logits)
+        if self.task == "regression":
+            predictions = logits.squeeze(-1)
+            return F.mse_loss(predictions, labels.float()), predictions, labels
+        return F.cross_entropy(logits, labels), logits, labels
+
+    def lam_now(self) -> float:
+        if self.lam_warmup_steps:
+            return self.lam * min(1.0, self.global_step / self.lam_warmup_steps)
+        return self.lam
+
+    def _tail_rank(self, out_features: int, in_features: int) -> int:
+        ratio = self.tail_ratio
+        if ratio is None:
+            ratio = next(
+                (
+                    c.ratio
+                    for c in getattr(self.trainer, "callbacks", [])
+                    if hasattr(c, "ratio") and hasattr(c, "solve_layer")
+                ),
+                None,
+            )
+        if ratio is None:
+            raise ValueError("regularizer='tail' needs a target rank: set tail_ratio= or add a compression callback.")
+        return rank_from_ratio(out_features, in_features, ratio)
+
+    def penalty(self) -> tuple[Tensor, list[float]]:
+        """λ-free penalty Σ λ_ℓ R(W_ℓ L_ℓ) and each layer's stable-rank value if the regularizer is stable_rank."""
+        total = torch.zeros((), device=self.device)
+        values = []
+        for index, name in enumerate(self.target_names):
+            weight = dense_weight(self.model.get_submodule(name))
+            whitened = weight @ self.whitening_factor(name)
+            if self.regularizer_name == "tail":
+                value = self.penalty_fn(whitened, self._tail_rank(*weight.shape))
+            elif self.regularizer_name == "stable_rank":
+                value = self.penalty_fn(whitened, seed=self.global_step * 7919 + index)
+            else:
+                value = self.penalty_fn(whitened)
+            values.append(float(value.detach()))
+            total = total + self.layer_weights[name] * value
+        return total, values
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        if self.whitening_refresh_every and self.global_step and self.global_step % self.whitening_refresh_every == 0:
+            self.collect_whitening()
+        loss, _, _ = self.task_loss(batch)
+        self.log("train/task_loss", loss, prog_bar=True)
+        lam = self.lam_now()
+        if self.lam > 0:
+            penalty, values = self.penalty()
+            self.log("train/penalty", penalty)
+            self.log("train/lam", lam)
+            loss = loss + lam * penalty
+            if self.regularizer_name == "stable_rank":
+                self._log_stable_ranks(values)
+        if self.lam == 0 or self.regularizer_name != "stable_rank":
+            if self.trainer.log_every_n_steps and self.global_step % self.trainer.log_every_n_steps == 0:
+                self._log_stable_ranks(self.whitened_stable_ranks())
+        self.log("train/loss", loss)
+        return loss
+
+    @torch.no_grad()
+    def whitened_stable_ranks(self) -> list[float]:
+        """Exact stable rank ‖WL‖_*²/‖WL‖_F² of every targeted layer (raw W when not whitened yet)."""
+        values = []
+        for name in self.target_names:
+            weight = dense_weight(self.model.get_submodule(name)).float()
+            factor = self.whitening_factor(name)
+            values.append(float(stable_rank_exact(weight @ factor if factor is not None else weight)))
+        return values
+
+    def _log_stable_ranks(self, values: list[float]) -> None:
+        if values:
+            self.log_dict(
+                {
+                    "stable_rank/mean": sum(values) / len(values),
+                    "stable_rank/min": min(values),
+                    "stable_rank/max": max(values),
+                }
+            )
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        loss, logits, labels = self.task_loss(batch)
+        self.log("val/loss", loss, sync_dist=True)
+        if self.task == "causal_lm":
+            self.val_metrics["perplexity"].update(logits, batch.get("labels", batch["input_ids"]))
+        else:
+            self.val_metrics.update(logits, labels)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict({f"val/{k}": v for k, v in self.val_metrics.compute().items()}, prog_bar=True)
+        self.val_metrics.reset()
+
+    @torch.no_grad()
+    def evaluate(self, dataloader: Iterable) -> dict[str, float]:
+        """The validation metrics on ``dataloader`` outside a Trainer loop (used to report before/after surgery)."""
+        metrics = self.val_metrics.clone()
+        metrics.reset()
+        was_training = self.training
+        self.eval()
+        try:
+            for batch in dataloader:
+                from lightning.pytorch.utilities import move_data_to_device
+
+                batch = move_data_to_device(batch, self.device)
+                _, logits, labels = self.task_loss(batch)
+                if self.task == "causal_lm":
+                    metrics["perplexity"].update(logits, batch.get("labels", batch["input_ids"]))
+                else:
+                    metrics.update(logits, labels)
+            return {k: float(v) for k, v in metrics.compute().items()}
+        finally:
+            self.train(was_training)
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = (
+            self.optimizer_factory(params)
+            if self.optimizer_factory
+            else torch.optim.AdamW(params, lr=self.lr, weight_decay=0.01)
+        )
+        steps = max(1, int(self.trainer.estimated_stepping_batches))  # 0 when only compressing
+        scheduler = (
+            self.scheduler_factory(optimizer)
+            if self.scheduler_factory
+            else torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in batch.items() if k not in ("labels", "label")}
