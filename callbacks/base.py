@@ -131,7 +131,9 @@ class LowRankCompression(Callback):
             "progress": trainer.is_global_zero,
         }
         evaluation = self._evaluation_loader(trainer, pl_module)
-        metrics = {"dense": pl_module.evaluate(evaluation)} if evaluation is not None else {}
+        metrics = dict(getattr(pl_module, "stage_metrics", {}))  # e.g. "before_prehab" from PrehabModule
+        if evaluation is not None:
+            metrics["dense"] = pl_module.evaluate(evaluation)
         comparison = []
         for name in self.compare:
             from prehab.callbacks import METHODS  # the subclasses live in the package that imports this file

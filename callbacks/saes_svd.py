@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import replace
+from typing import Any
 
 from torch import Tensor
 
@@ -22,22 +22,13 @@ class SAESSVD(LowRankCompression):
     the fixed-subspace tail surrogate, with the guardrails of the paper's appendix A.11).
 
     Args:
-        ratio: fraction of the targeted layers' weight parameters removed, in (0, 1).
         beta: a fixed β in [0, 1] for every layer, or None for ACES.
         beta_min: lower end of ACES's search interval.
         beta_max: upper end of ACES's search interval.
         objective: ACES objective: ``"ratio"`` (tail / total energy) or ``"energy"`` (tail energy).
         beta_cap: guardrail: ACES never returns more than this (< 1 prevents over-alignment).
         beta_shrink: guardrail: ACES's β is multiplied by this factor in (0, 1].
-        targets: see :class:`~prehab.callbacks.LowRankCompression`.
-        calibration_batches: see :class:`~prehab.callbacks.LowRankCompression`.
-        calibration_dataloader: see :class:`~prehab.callbacks.LowRankCompression`.
-        save_dir: see :class:`~prehab.callbacks.LowRankCompression`.
-        blocks: see :class:`~prehab.callbacks.LowRankCompression`.
-        damping: see :class:`~prehab.callbacks.LowRankCompression`.
-        verbose: see :class:`~prehab.callbacks.LowRankCompression`.
-        compare: see :class:`~prehab.callbacks.LowRankCompression`.
-        evaluate: see :class:`~prehab.callbacks.LowRankCompression`.
+        **kwargs: :class:`~prehab.callbacks.LowRankCompression`'s arguments (``ratio``, ``targets``, ...).
     """
 
     method = "saes_svd"
@@ -45,35 +36,15 @@ class SAESSVD(LowRankCompression):
 
     def __init__(
         self,
-        ratio: float = 0.4,
         beta: float | None = None,
         beta_min: float = 0.25,
         beta_max: float = 0.75,
         objective: str = "ratio",
         beta_cap: float = 0.95,
         beta_shrink: float = 1.0,
-        targets: str | list[str] | None = None,
-        calibration_batches: int = 32,
-        calibration_dataloader: Iterable | None = None,
-        save_dir: str | None = None,
-        blocks: str | None = None,
-        damping: float = 1e-6,
-        verbose: bool = False,
-        compare: list[str] | None = None,
-        evaluate: bool = True,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            ratio,
-            targets,
-            calibration_batches,
-            calibration_dataloader,
-            save_dir,
-            blocks,
-            damping,
-            verbose,
-            compare,
-            evaluate,
-        )
+        super().__init__(**kwargs)
         if beta is not None and not 0.0 <= beta <= 1.0:
             raise ValueError(
                 f"beta={beta!r} is invalid: use a value in [0, 1] (0 = SVD-LLM, 1 = AA-SVD) or None for ACES."

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from typing import Any
 
 from torch import Tensor
 
@@ -25,32 +25,8 @@ class SVDLLM(LowRankCompression):
 
     method = "svd_llm"
 
-    def __init__(
-        self,
-        ratio: float = 0.4,
-        targets: str | list[str] | None = None,
-        calibration_batches: int = 32,
-        calibration_dataloader: Iterable | None = None,
-        save_dir: str | None = None,
-        blocks: str | None = None,
-        damping: float = 1e-6,
-        verbose: bool = False,
-        compare: list[str] | None = None,
-        evaluate: bool = True,
-        propagate: bool = False,
-    ) -> None:
-        super().__init__(
-            ratio,
-            targets,
-            calibration_batches,
-            calibration_dataloader,
-            save_dir,
-            blocks,
-            damping,
-            verbose,
-            compare,
-            evaluate,
-        )
+    def __init__(self, propagate: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.propagate = propagate
         self.two_stream = propagate
 

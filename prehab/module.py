@@ -154,6 +154,7 @@ class PrehabModule(LowRankCheckpointMixin, pl.LightningModule):
         self.layer_weights = self._layer_weights(layer_weights or {})
         self.whitening = nn.Module()  # buffers "<layer name with __>" = lower Cholesky factors
         self.val_metrics = self._metrics(num_labels)
+        self.stage_metrics: dict[str, dict[str, float]] = {}  # "before_prehab" -> validation metrics
 
     # ------------------------------------------------------------------ setup
     def _layer_weights(self, patterns: dict[str, float]) -> dict[str, float]:
@@ -206,6 +207,13 @@ class PrehabModule(LowRankCheckpointMixin, pl.LightningModule):
                 self.whitening.register_buffer(key[len(WHITENING_PREFIX) :], torch.empty_like(value))
 
     def on_train_start(self) -> None:  # data is set up by now; runs before the first training step
+        datamodule = self.trainer.datamodule
+        if (
+            "before_prehab" not in self.stage_metrics
+            and datamodule is not None
+            and (type(datamodule).val_dataloader is not pl.LightningDataModule.val_dataloader)
+        ):  # the compression report shows it next to the metrics after prehab and after surgery
+            self.stage_metrics["before_prehab"] = self.evaluate(datamodule.val_dataloader())
         if self.lam > 0 and any(self.whitening_factor(n) is None for n in self.target_names):
             self.collect_whitening()
 

@@ -131,7 +131,12 @@ class CompressionReport:
 
     def metrics_table(self) -> Table:
         """Metrics of the dense model, this method and the compared methods, side by side."""
-        rows = [("dense", self.model_params_before, None, self.metrics.get("dense", {}))]
+        rows = (
+            [("before prehab", self.model_params_before, None, self.metrics["before_prehab"])]
+            if ("before_prehab" in self.metrics)
+            else []
+        )
+        rows.append(("dense", self.model_params_before, None, self.metrics.get("dense", {})))
         rows += [
             (c["method"], c["model_params_after"], c["mean_relative_error"], c["metrics"]) for c in self.comparison
         ]

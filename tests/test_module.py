@@ -171,6 +171,11 @@ def test_tail_regularizer_takes_rank_from_the_compression_callback():
     _trainer(3, [callback]).fit(module, datamodule=data)
     assert module._tail_rank(64, 32) == 10  # floor(0.5 * 64 * 32 / 96)
     assert callback.report.totals()["layers_compressed"] == 14
+    # Metrics at every stage: before prehab, after prehab (dense), after surgery; perplexity over bytes.
+    metrics = callback.report.metrics
+    assert set(metrics) == {"before_prehab", "dense", "svd_llm"}
+    assert all(1.0 < m["perplexity"] < 200 for m in metrics.values())
+    assert metrics["before_prehab"]["perplexity"] != metrics["dense"]["perplexity"]
     with pytest.raises(ValueError, match="tail_ratio"):
         lonely = _module(lam=0.1, regularizer="tail")
         _trainer(1).fit(lonely, datamodule=data)
