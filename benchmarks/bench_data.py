@@ -45,8 +45,9 @@ def byte_level_bpe(vocab_size: int = 8000):
     )
     text = (SHARED_DATA / "wikitext-2-raw" / "wiki.valid.raw").read_text(encoding="utf-8")
     backend.train_from_iterator(text.splitlines(), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>",
-                                   bos_token="<s>", eos_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
 
 
 def bench_text(name: str, tokenizer, seq_lens: list[int], repeats: int) -> list[dict]:
@@ -54,8 +55,9 @@ def bench_text(name: str, tokenizer, seq_lens: list[int], repeats: int) -> list[
     for seq_len in seq_lens:
         tokenize_s, window_s = [], []
         for _ in range(repeats):
-            datamodule = TextDataModule(dataset=str(SHARED_DATA / "wikitext-2-raw"), tokenizer=tokenizer,
-                                        seq_len=seq_len)
+            datamodule = TextDataModule(
+                dataset=str(SHARED_DATA / "wikitext-2-raw"), tokenizer=tokenizer, seq_len=seq_len
+            )
             start = time.perf_counter()
             tokens = datamodule.token_stream("test")  # read, join with "\n\n", tokenize once
             middle = time.perf_counter()
@@ -65,15 +67,28 @@ def bench_text(name: str, tokenizer, seq_lens: list[int], repeats: int) -> list[
             end = time.perf_counter()
             tokenize_s.append(middle - start)
             window_s.append(end - middle)
-        rows.append({"tokenizer": name, "seq_len": seq_len, "tokens": tokens.numel(), "windows": len(windows),
-                     "batches": batches, "tokenize_s": statistics.median(tokenize_s),
-                     "windows_s": statistics.median(window_s)})
+        rows.append(
+            {
+                "tokenizer": name,
+                "seq_len": seq_len,
+                "tokens": tokens.numel(),
+                "windows": len(windows),
+                "batches": batches,
+                "tokenize_s": statistics.median(tokenize_s),
+                "windows_s": statistics.median(window_s),
+            }
+        )
     return rows
 
 
 def bench_image_loading(num_workers: int, batch_size: int, max_images: int | None) -> dict:
-    datamodule = ImageNet(root=str(SHARED_DATA / "imagenet-sample-images"), model_name="vit_tiny_patch16_224",
-                          max_eval_samples=max_images, batch_size=batch_size, num_workers=num_workers)
+    datamodule = ImageNet(
+        root=str(SHARED_DATA / "imagenet-sample-images"),
+        model_name="vit_tiny_patch16_224",
+        max_eval_samples=max_images,
+        batch_size=batch_size,
+        num_workers=num_workers,
+    )
     loader = datamodule.val_dataloader()
     start = time.perf_counter()
     first_batch_s = None
@@ -83,8 +98,13 @@ def bench_image_loading(num_workers: int, batch_size: int, max_images: int | Non
         if first_batch_s is None:
             first_batch_s = time.perf_counter() - start
     total = time.perf_counter() - start
-    return {"what": f"ImageNet sample, eval transform 224 px, num_workers={num_workers}", "images": images,
-            "seconds": total, "samples_per_s": images / total, "first_batch_s": first_batch_s}
+    return {
+        "what": f"ImageNet sample, eval transform 224 px, num_workers={num_workers}",
+        "images": images,
+        "seconds": total,
+        "samples_per_s": images / total,
+        "first_batch_s": first_batch_s,
+    }
 
 
 def bench_vit_forward(batch_size: int, iterations: int) -> dict:
@@ -98,9 +118,13 @@ def bench_vit_forward(batch_size: int, iterations: int) -> dict:
         for _ in range(iterations):
             model(images)
         total = time.perf_counter() - start
-    return {"what": f"vit_tiny_patch16_224 forward (12 blocks, random init), batch {batch_size}, no grad",
-            "images": batch_size * iterations, "seconds": total,
-            "samples_per_s": batch_size * iterations / total, "first_batch_s": None}
+    return {
+        "what": f"vit_tiny_patch16_224 forward (12 blocks, random init), batch {batch_size}, no grad",
+        "images": batch_size * iterations,
+        "seconds": total,
+        "samples_per_s": batch_size * iterations / total,
+        "first_batch_s": None,
+    }
 
 
 def main() -> None:
@@ -125,18 +149,27 @@ def main() -> None:
     image_rows = [bench_image_loading(workers, 32, max_images) for workers in ([2] if args.smoke else [0, 2])]
     image_rows.append(bench_vit_forward(32, 1 if args.smoke else 5))
 
-    command = "python benchmarks/bench_data.py" + (" --smoke" if args.smoke else "") + (
-        f" --tokenizer {args.tokenizer}" if args.tokenizer else "")
+    command = (
+        "python benchmarks/bench_data.py"
+        + (" --smoke" if args.smoke else "")
+        + (f" --tokenizer {args.tokenizer}" if args.tokenizer else "")
+    )
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"Command: `{command}`  \nMachine: {platform.machine()}, {os.cpu_count()} CPUs, "
-          f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; load average at the end: {load}\n")
-    print("### WikiText-2 raw test: tokenize once + non-overlapping windows (median of "
-          f"{repeats} run{'s' if repeats > 1 else ''})\n")
+    print(
+        f"Command: `{command}`  \nMachine: {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; load average at the end: {load}\n"
+    )
+    print(
+        "### WikiText-2 raw test: tokenize once + non-overlapping windows (median of "
+        f"{repeats} run{'s' if repeats > 1 else ''})\n"
+    )
     print("| tokenizer | seq_len | tokens | windows | read+join+tokenize (s) | tokens/s | windows + one pass (s) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for row in text_rows:
-        print(f"| {row['tokenizer']} | {row['seq_len']} | {row['tokens']:,} | {row['windows']:,} | "
-              f"{row['tokenize_s']:.3f} | {row['tokens'] / row['tokenize_s']:,.0f} | {row['windows_s']:.3f} |")
+        print(
+            f"| {row['tokenizer']} | {row['seq_len']} | {row['tokens']:,} | {row['windows']:,} | "
+            f"{row['tokenize_s']:.3f} | {row['tokens'] / row['tokenize_s']:,.0f} | {row['windows_s']:.3f} |"
+        )
     print("\n### Images: loading throughput vs. model forward (batch 32, CPU)\n")
     print("| what | images | seconds | samples/s | first batch (s) |")
     print("|---|---:|---:|---:|---:|")

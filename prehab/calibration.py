@@ -93,4 +93,4 @@ def collect_input_covariances(
             "or the targeted layers are not used in the forward pass."
         )
     collector.all_reduce_()
-    return collector.means(), max(stat.count for stat in collector.unique())
+    return collector.means_(), max(stat.count for stat in collector.unique())

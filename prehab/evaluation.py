@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 
@@ -47,17 +48,6 @@ def model_device(model: nn.Module) -> torch.device:
     for tensor in model.buffers():
         return tensor.device
     return torch.device("cpu")
-
-
-def move_to_device(batch: Any, device: torch.device) -> Any:
-    """Move every tensor in a (nested) dict/list/tuple batch to ``device``."""
-    if isinstance(batch, Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {key: move_to_device(value, device) for key, value in batch.items()}
-    if isinstance(batch, list | tuple):
-        return type(batch)(move_to_device(value, device) for value in batch)
-    return batch
 
 
 def forward_batch(model: nn.Module, batch: Any) -> Any:
@@ -195,7 +185,7 @@ def perplexity(
         for index, batch in enumerate(_language_model_batches(data, batch_size)):
             if max_batches is not None and index >= max_batches:
                 break
-            batch = move_to_device(batch, device)
+            batch = move_data_to_device(batch, device)
             metric.update(output_logits(forward_batch(model, batch)), causal_lm_labels(batch))
     if int(metric.token_count) == 0 and not sync_dist:
         raise ValueError("perplexity: no tokens were evaluated (empty data or every label is -100).")
@@ -247,7 +237,7 @@ def evaluate_metrics(
         for index, batch in enumerate(dataloader):
             if max_batches is not None and index >= max_batches:
                 break
-            batch = move_to_device(batch, device)
+            batch = move_data_to_device(batch, device)
             logits = output_logits(forward_batch(model, batch))
             predictions = output_transform(logits) if output_transform is not None else logits
             metrics.update(predictions, batch_targets(batch, target_key).to(device))

@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 
 from prehab.calibration import collect_input_covariances
+from prehab.evaluation import TokenPerplexity, evaluating
 from prehab.linalg import damped_cholesky, rank_from_ratio
 from prehab.lowrank import LowRankCheckpointMixin, dense_weight
 from prehab.regularizers import get_regularizer, stable_rank_exact
@@ -171,8 +173,6 @@ class PrehabModule(LowRankCheckpointMixin, pl.LightningModule):
 
     def _metrics(self, num_labels: int | None) -> torchmetrics.MetricCollection:
         if self.task == "causal_lm":
-            from prehab.evaluation import TokenPerplexity
-
             return torchmetrics.MetricCollection({"perplexity": TokenPerplexity()})
         if self.task == "regression":
             return torchmetrics.MetricCollection(
@@ -363,21 +363,15 @@ class PrehabModule(LowRankCheckpointMixin, pl.LightningModule):
         """The validation metrics on ``dataloader`` outside a Trainer loop (used to report before/after surgery)."""
         metrics = self.val_metrics.clone()
         metrics.reset()
-        was_training = self.training
-        self.eval()
-        try:
+        with evaluating(self):  # no_grad + eval; every submodule gets its own mode back
             for batch in dataloader:
-                from lightning.pytorch.utilities import move_data_to_device
-
                 batch = move_data_to_device(batch, self.device)
                 _, logits, labels = self.task_loss(batch)
                 if self.task == "causal_lm":
                     metrics["perplexity"].update(logits, batch.get("labels", batch["input_ids"]))
                 else:
                     metrics.update(logits, labels)
-            return {k: float(v) for k, v in metrics.compute().items()}
-        finally:
-            self.train(was_training)
+        return {k: float(v) for k, v in metrics.compute().items()}
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]

@@ -128,10 +128,15 @@ class CovarianceCollector:
         for stat in self.unique():  # a shared accumulator must be reduced once
             stat.all_reduce_()
 
-    def means(self) -> dict[str, Tensor]:
-        """``{name: G / count}`` for every module that saw input; shared accumulators give one tensor."""
-        cache: dict[int, Tensor] = {}
-        return {name: cache.setdefault(id(stat), stat.mean()) for name, stat in self.stats.items() if stat.count}
+    def means_(self) -> dict[str, Tensor]:
+        """``{name: G / count}`` for every module that saw input; shared accumulators give one tensor.
+
+        Divides the sums in place (no second copy of every covariance): call it once, at the end.
+        """
+        for stat in self.unique():
+            if stat.count:
+                stat.sum.div_(stat.count)
+        return {name: stat.sum for name, stat in self.stats.items() if stat.count}
 
 
 @contextlib.contextmanager

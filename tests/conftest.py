@@ -62,7 +62,7 @@ def tiny_bert():
     return BertForSequenceClassification(config)
 
 
-def tiny_vit():
+def tiny_vit(embed_dim: int = 48):
     import timm
 
     return timm.create_model(
@@ -70,7 +70,7 @@ def tiny_vit():
         pretrained=False,
         img_size=32,
         patch_size=8,
-        embed_dim=48,
+        embed_dim=embed_dim,
         depth=2,
         num_heads=3,
         num_classes=5,

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import BUILDERS, TinyModule, fast_trainer, loader_for
+from conftest import BUILDERS, TinyModule, fast_trainer, loader_for, tiny_vit
 from transformers.pytorch_utils import Conv1D
 
 import prehab
@@ -72,22 +72,7 @@ def test_load_compressed_errors(tmp_path):
     SVD(ratio=0.5).compress(vit, None, progress=False)
     save_compressed(vit, tmp_path / "vit")
     with pytest.raises(ValueError, match="same architecture"):
-        load_compressed(tmp_path / "vit", model=_wider_vit())
-
-
-def _wider_vit():
-    import timm
-
-    return timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=32,
-        patch_size=8,
-        embed_dim=96,
-        depth=2,
-        num_heads=3,
-        num_classes=5,
-    )
+        load_compressed(tmp_path / "vit", model=tiny_vit(embed_dim=96))
 
 
 def test_lightning_checkpoint_round_trip(tmp_path):

@@ -64,9 +64,11 @@ def test_collector_shares_products_for_one_input_and_matches_reference():
     torch.testing.assert_close(collector.stats["q"].mean(), x.T @ x / 60)
     assert collector.stats["k"] is collector.stats["q"]  # one accumulator for one input
     assert collector.stats["o"] is not collector.stats["q"] and len(collector.unique()) == 2
-    means = collector.means()
-    assert means["q"] is means["k"]
     torch.testing.assert_close(collector.stats["o"].mean(), inner.T @ inner / 60, rtol=1e-5, atol=1e-6)
+    means = collector.means_()
+    assert means["q"] is means["k"]
+    torch.testing.assert_close(means["q"], x.T @ x / 60)
+    torch.testing.assert_close(means["o"], inner.T @ inner / 60, rtol=1e-5, atol=1e-6)
     assert collector._last_input is None  # no activation kept alive after the hooks
 
 
