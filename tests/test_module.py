@@ -1,6 +1,7 @@
 """PrehabModule: the rank penalty on whitened weights, its schedule, whitening buffers, resume, bad input."""
 
 import copy
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -179,3 +180,28 @@ def test_tail_regularizer_takes_rank_from_the_compression_callback():
     with pytest.raises(ValueError, match="tail_ratio"):
         lonely = _module(lam=0.1, regularizer="tail")
         _trainer(1).fit(lonely, datamodule=data)
+
+
+def test_model_named_once_gives_the_datamodule_its_tokenizer(tmp_path):
+    """A Hugging Face folder as `model=`; the WikiText datamodule (tokenizer=None) takes the module's tokenizer."""
+    from tiny_text_assets import tiny_llama as tiny_llama_for
+    from tiny_text_assets import wikitext_tokenizer
+
+    from prehab.datamodules import WikiText
+
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw"
+    if not shared.is_dir():
+        pytest.skip("shared WikiText-2 data not available")
+    tokenizer = wikitext_tokenizer(vocab_size=500)
+    folder = tmp_path / "tiny-hf"
+    tiny_llama_for(len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    module = PrehabModule(model=str(folder), lam=0.01, calibration_batches=2)
+    data = WikiText(
+        dataset=str(shared), seq_len=32, train_split="valid", calibration_samples=8, max_eval_windows=4, batch_size=4
+    )
+    callback = SVDLLM(ratio=0.5, calibration_batches=2)
+    _trainer(2, [callback]).fit(module, datamodule=data)
+    assert data.tokenizer.vocab_size == tokenizer.vocab_size
+    assert callback.report.totals()["layers_compressed"] > 0
+    assert set(callback.report.metrics) == {"before_prehab", "dense", "svd_llm"}
