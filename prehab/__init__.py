@@ -7,6 +7,7 @@ from prehab.lowrank import (
     load_from_checkpoint,
     save_compressed,
 )
+from prehab.module import PrehabModule
 from prehab.report import CompressionReport, LayerReport
 
 __version__ = "0.1.0"
@@ -16,6 +17,7 @@ __all__ = [
     "LayerReport",
     "LowRankCheckpointMixin",
     "LowRankLinear",
+    "PrehabModule",
     "load_compressed",
     "load_from_checkpoint",
     "save_compressed",

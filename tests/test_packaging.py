@@ -11,8 +11,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_editable_install_maps_namespaces():
+    import prehab
     import prehab.callbacks
     import prehab.datamodules
+
+    public = {"LowRankLinear", "PrehabModule", "save_compressed", "load_compressed", "load_from_checkpoint"}
+    assert public <= set(prehab.__all__) and all(hasattr(prehab, name) for name in public)
+    assert {"SVD", "SVDLLM", "AASVD", "SAESSVD", "LowRankCompression"} <= set(prehab.callbacks.__all__)
 
     assert Path(prehab.callbacks.__file__).parent == REPO / "callbacks"
     assert Path(prehab.datamodules.__file__).parent == REPO / "datamodules"
