@@ -251,12 +251,17 @@ def sequential_compress(
                 shifted_inputs = list(original_inputs)
 
             unused: list[str] = []
+            group_cache: dict[tuple, tuple[list[list[str]], list[str]]] = {}
             bar = tqdm(stages, desc=f"{desc}: blocks", disable=not progress, unit="block")
             for block_prefix, stage, stage_targets in bar:
                 stage_targets = {n[len(block_prefix) :] if block_prefix else n: m for n, m in stage_targets.items()}
                 root = block_prefix.rstrip(".")
                 if stage_targets:
-                    groups, never_called = _group_by_shared_input(stage, stage_targets, shifted_inputs[0], runner)
+                    # Repeated blocks share their structure: find the groups once per block class and layer set.
+                    key = (type(stage), tuple(stage_targets))
+                    if key not in group_cache:
+                        group_cache[key] = _group_by_shared_input(stage, stage_targets, shifted_inputs[0], runner)
+                    groups, never_called = group_cache[key]
                     unused += [block_prefix + n for n in never_called]
                 else:
                     groups = []
