@@ -49,7 +49,7 @@ directions. It is still a descent direction for the stable rank (it shrinks the 
 instead of by a constant). Where the exact gradient matters and ``min(m, n)`` is at most ~1–2k,
 ``stable_rank(A, exact=True)`` (float64 Gram eigenvalues) costs about the same as the sketch.
 
-Bias and error (measured; see ``tests/test_regularizers.py`` and ``benchmarks/RESULTS_regularizers.md``).
+Bias and error (measured; see ``tests/test_regularizers.py`` and ``benchmarks/RESULTS.md``).
 The estimate is biased, not unbiased, with three sources:
 
 * the split ``‖A‖_* ≈ ‖B‖_* + ‖R‖_*`` is the triangle-inequality upper bound: **≥ 0** bias, small
