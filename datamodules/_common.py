@@ -229,3 +229,19 @@ class LoaderMixin:
             pin_memory=self._pin,
             collate_fn=collate_fn,
         )
+
+
+class SampledCalibrationMixin(LoaderMixin):
+    """``calibration_dataloader`` for DataModules of examples (expects ``train_dataset`` (a ``datasets.Dataset``),
+    ``collator``, ``calibration_samples`` and ``setup``)."""
+
+    def calibration_dataloader(self, num_replicas: int = 1, rank: int = 0) -> DataLoader:
+        """``calibration_samples`` training examples chosen with ``seed`` (fixed set, fixed order).
+
+        Args:
+            num_replicas: Number of processes sharing the set; ``> 1`` returns rank ``rank``'s unpadded share.
+            rank: This process's rank in ``[0, num_replicas)``.
+        """
+        self.setup("fit")
+        indices = seeded_sample_indices(len(self.train_dataset), self.calibration_samples, self.seed)
+        return self._calibration_loader(self.train_dataset.select(indices), num_replicas, rank, self.collator)

@@ -12,13 +12,12 @@ from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
 from ._common import (
     IGNORE_INDEX,
-    LoaderMixin,
+    SampledCalibrationMixin,
     check_loader_args,
     check_positive_int,
     list_dir,
     looks_like_local_path,
     resolve_tokenizer,
-    seeded_sample_indices,
 )
 
 # The Stanford Alpaca templates, verbatim (github.com/tatsu-lab/stanford_alpaca, train.py PROMPT_DICT).
@@ -41,7 +40,7 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:  # `input`: the dat
     return PROMPT_NO_INPUT.format(instruction=instruction)
 
 
-class Alpaca(LoaderMixin, pl.LightningDataModule):
+class Alpaca(SampledCalibrationMixin, pl.LightningDataModule):
     """Alpaca-style instruction data for causal-LM fine-tuning (e.g. LoRA rehab after compression).
 
     Each record ``{instruction, input, output}`` becomes ``prompt + output + EOS`` with the Stanford Alpaca
@@ -149,8 +148,10 @@ class Alpaca(LoaderMixin, pl.LightningDataModule):
             records = datasets.Dataset.from_list(rows)
         missing = {"instruction", "output"} - set(records.column_names)
         if missing:
-            raise ValueError(f"Alpaca data needs columns instruction/input/output; {sorted(missing)} missing "
-                             f"(columns: {records.column_names}).")
+            raise ValueError(
+                f"Alpaca data needs columns instruction/input/output; {sorted(missing)} missing "
+                f"(columns: {records.column_names})."
+            )
         if self.max_samples is not None:
             records = records.shuffle(seed=self.seed).select(range(min(self.max_samples, len(records))))
         return records
@@ -200,14 +201,3 @@ class Alpaca(LoaderMixin, pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         self.setup("validate")
         return self._eval_loader(self.val_dataset, self.collator) if self.val_dataset is not None else []
-
-    def calibration_dataloader(self, num_replicas: int = 1, rank: int = 0) -> DataLoader:
-        """``calibration_samples`` training examples chosen with ``seed`` (fixed set, fixed order).
-
-        Args:
-            num_replicas: Number of processes sharing the set; ``> 1`` returns rank ``rank``'s unpadded share.
-            rank: This process's rank in ``[0, num_replicas)``.
-        """
-        self.setup("fit")
-        indices = seeded_sample_indices(len(self.train_dataset), self.calibration_samples, self.seed)
-        return self._calibration_loader(self.train_dataset.select(indices), num_replicas, rank, self.collator)

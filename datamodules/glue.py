@@ -20,7 +20,7 @@ from torchmetrics.classification import (
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from ._common import (
-    LoaderMixin,
+    SampledCalibrationMixin,
     check_choice,
     check_loader_args,
     check_positive_int,
@@ -28,7 +28,6 @@ from ._common import (
     looks_like_local_path,
     require_local_dir,
     resolve_tokenizer,
-    seeded_sample_indices,
 )
 
 
@@ -55,14 +54,13 @@ class GlueTask:
 GLUE_TASKS: dict[str, GlueTask] = {
     "cola": GlueTask("CoLA", ("sentence",), (3, 1), 2, ("matthews",), has_header=False),
     "sst2": GlueTask("SST-2", ("sentence",), ("sentence", "label"), 2, ("accuracy",)),
-    "mrpc": GlueTask(
-        "MRPC", ("sentence1", "sentence2"), ("#1 String", "#2 String", "Quality"), 2, ("f1", "accuracy")
-    ),
+    "mrpc": GlueTask("MRPC", ("sentence1", "sentence2"), ("#1 String", "#2 String", "Quality"), 2, ("f1", "accuracy")),
     "qqp": GlueTask(
         "QQP", ("question1", "question2"), ("question1", "question2", "is_duplicate"), 2, ("f1", "accuracy")
     ),
-    "stsb": GlueTask("STS-B", ("sentence1", "sentence2"), ("sentence1", "sentence2", "score"), 1,
-                     ("pearson", "spearman")),
+    "stsb": GlueTask(
+        "STS-B", ("sentence1", "sentence2"), ("sentence1", "sentence2", "score"), 1, ("pearson", "spearman")
+    ),
     "mnli": GlueTask(
         "MNLI",
         ("premise", "hypothesis"),
@@ -72,10 +70,22 @@ GLUE_TASKS: dict[str, GlueTask] = {
         label_names=("entailment", "neutral", "contradiction"),
         eval_splits=(("validation_matched", "dev_matched"), ("validation_mismatched", "dev_mismatched")),
     ),
-    "qnli": GlueTask("QNLI", ("question", "sentence"), ("question", "sentence", "label"), 2, ("accuracy",),
-                     label_names=("entailment", "not_entailment")),
-    "rte": GlueTask("RTE", ("sentence1", "sentence2"), ("sentence1", "sentence2", "label"), 2, ("accuracy",),
-                    label_names=("entailment", "not_entailment")),
+    "qnli": GlueTask(
+        "QNLI",
+        ("question", "sentence"),
+        ("question", "sentence", "label"),
+        2,
+        ("accuracy",),
+        label_names=("entailment", "not_entailment"),
+    ),
+    "rte": GlueTask(
+        "RTE",
+        ("sentence1", "sentence2"),
+        ("sentence1", "sentence2", "label"),
+        2,
+        ("accuracy",),
+        label_names=("entailment", "not_entailment"),
+    ),
     "wnli": GlueTask("WNLI", ("sentence1", "sentence2"), ("sentence1", "sentence2", "label"), 2, ("accuracy",)),
 }
 """The nine GLUE tasks by their Hugging Face config names."""
@@ -120,7 +130,7 @@ def read_glue_tsv(path: Path, task: GlueTask) -> dict[str, list]:
     return columns
 
 
-class GLUE(LoaderMixin, pl.LightningDataModule):
+class GLUE(SampledCalibrationMixin, pl.LightningDataModule):
     """A GLUE task for sequence classification (or regression for STS-B).
 
     Examples are tokenized as single sentences or sentence pairs (``tokenizer(a, b)``), truncated to
@@ -245,8 +255,10 @@ class GLUE(LoaderMixin, pl.LightningDataModule):
                 f"GLUE {self.task} split {split!r}: {path} not found; {self.task_dir} has {list_dir(self.task_dir)}."
             )
         features = datasets.Features(
-            {**{name: datasets.Value("string") for name in self.spec.text_fields},
-             "label": datasets.Value("float32" if self.is_regression else "int64")}
+            {
+                **{name: datasets.Value("string") for name in self.spec.text_fields},
+                "label": datasets.Value("float32" if self.is_regression else "int64"),
+            }
         )
         return datasets.Dataset.from_dict(read_glue_tsv(path, self.spec), features=features)
 
@@ -283,14 +295,3 @@ class GLUE(LoaderMixin, pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader | list[DataLoader]:
         """The dev set(s): GLUE test labels are not public."""
         return self.val_dataloader()
-
-    def calibration_dataloader(self, num_replicas: int = 1, rank: int = 0) -> DataLoader:
-        """``calibration_samples`` training examples chosen with ``seed`` (fixed set, fixed order).
-
-        Args:
-            num_replicas: Number of processes sharing the set; ``> 1`` returns rank ``rank``'s unpadded share.
-            rank: This process's rank in ``[0, num_replicas)``.
-        """
-        self.setup("fit")
-        indices = seeded_sample_indices(len(self.train_dataset), self.calibration_samples, self.seed)
-        return self._calibration_loader(self.train_dataset.select(indices), num_replicas, rank, self.collator)

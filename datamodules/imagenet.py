@@ -129,8 +129,10 @@ class ImageNet(LoaderMixin, pl.LightningDataModule):
         check_positive_int("max_eval_samples", max_eval_samples, allow_none=True)
         check_loader_args(batch_size, num_workers, seed)
         if model_name is not None and get_pretrained_cfg(model_name) is None:
-            raise ValueError(f"`model_name`={model_name!r} has no timm pretrained config; pass a timm model name "
-                             "(see timm.list_models()) or give `data_config` instead.")
+            raise ValueError(
+                f"`model_name`={model_name!r} has no timm pretrained config; pass a timm model name "
+                "(see timm.list_models()) or give `data_config` instead."
+            )
         if data_config is not None and not isinstance(data_config, dict):
             raise ValueError(f"`data_config` must be a dict of timm data-config entries, got {data_config!r}.")
         self.root_dir = require_local_dir("root", root) if looks_like_local_path(root) else None
@@ -190,8 +192,9 @@ class ImageNet(LoaderMixin, pl.LightningDataModule):
 
     def metrics(self, prefix: str | None = None) -> MetricCollection:
         """Top-1 accuracy (fed with predicted class ids)."""
-        return MetricCollection({"top1": MulticlassAccuracy(num_classes=self.num_classes, average="micro")},
-                                prefix=prefix)
+        return MetricCollection(
+            {"top1": MulticlassAccuracy(num_classes=self.num_classes, average="micro")}, prefix=prefix
+        )
 
     # ---------------------------------------------------------------- datasets
     def split_folder(self, split: str) -> Path:
@@ -206,8 +209,12 @@ class ImageNet(LoaderMixin, pl.LightningDataModule):
         )
         if split == "val" and holds_class_folders:
             return self.root_dir
-        fix = (" This looks like a flat <wnid>/*.JPEG folder, which serves only as the validation split: use "
-               "calibration_split='val' and validate/test instead of fit." if holds_class_folders else "")
+        fix = (
+            " This looks like a flat <wnid>/*.JPEG folder, which serves only as the validation split: use "
+            "calibration_split='val' and validate/test instead of fit."
+            if holds_class_folders
+            else ""
+        )
         raise FileNotFoundError(
             f"ImageNet split {split!r}: looked for {sub} (set `{'train_dir' if split == 'train' else 'val_dir'}`)"
             f"; {self.root_dir} has {list_dir(self.root_dir, 8)}.{fix}"

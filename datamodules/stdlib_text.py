@@ -64,11 +64,23 @@ class StdlibText(pl.LightningDataModule):
         seed: seed of the random windows.
     """
 
-    def __init__(self, seq_len: int = 128, batch_size: int = 16, train_windows: int = 4096,
-                 calibration_samples: int = 32, val_windows: int = 64, seed: int = 0) -> None:
+    def __init__(
+        self,
+        seq_len: int = 128,
+        batch_size: int = 16,
+        train_windows: int = 4096,
+        calibration_samples: int = 32,
+        val_windows: int = 64,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
-        for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("train_windows", train_windows),
-                            ("calibration_samples", calibration_samples), ("val_windows", val_windows)):
+        for name, value in (
+            ("seq_len", seq_len),
+            ("batch_size", batch_size),
+            ("train_windows", train_windows),
+            ("calibration_samples", calibration_samples),
+            ("val_windows", val_windows),
+        ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} is invalid: use an integer >= 1.")
         self.save_hyperparameters()
@@ -76,8 +88,10 @@ class StdlibText(pl.LightningDataModule):
         self.train_bytes = self._encode(d for i, d in enumerate(docs) if i % 10)
         self.val_bytes = self._encode(d for i, d in enumerate(docs) if not i % 10)
         if len(self.val_bytes) < seq_len * val_windows:
-            raise ValueError(f"seq_len * val_windows = {seq_len * val_windows} exceeds the {len(self.val_bytes)} "
-                             "held-out bytes; lower one of them.")
+            raise ValueError(
+                f"seq_len * val_windows = {seq_len * val_windows} exceeds the {len(self.val_bytes)} "
+                "held-out bytes; lower one of them."
+            )
 
     @staticmethod
     def _encode(parts) -> torch.Tensor:
