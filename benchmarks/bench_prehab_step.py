@@ -56,11 +56,14 @@ def main() -> None:
     )
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
-    rows = ["| regularizer | λ | step (s) | vs λ = 0 |", "|---|---|---|---|"]
+    rows = ["| regularizer | λ | penalty_fraction | step (s) | vs λ = 0 |", "|---|---|---|---|---|"]
     baseline = None
-    for regularizer, lam in (("stable_rank", 0.0), ("stable_rank", 1e-3), ("tail", 1e-3)):
+    settings = (("stable_rank", 0.0, 1.0), ("stable_rank", 1e-3, 1.0), ("stable_rank", 1e-3, 0.25), ("tail", 1e-3, 1.0))
+    for regularizer, lam, fraction in settings:
         torch.manual_seed(0)
-        module = PrehabModule(model=args.model, lam=lam, regularizer=regularizer, tail_ratio=0.4)
+        module = PrehabModule(
+            model=args.model, lam=lam, regularizer=regularizer, tail_ratio=0.4, penalty_fraction=fraction
+        )
         if lam > 0:
             targets = {n: module.model.get_submodule(n) for n in module.target_names}
             covariances, _ = collect_input_covariances(
@@ -71,7 +74,8 @@ def main() -> None:
                 module.whitening.register_buffer(module._buffer_name(name), factor)
         seconds = _step_seconds(module, batch, args.steps)
         baseline = baseline or seconds
-        rows.append(f"| {regularizer if lam else '(none)'} | {lam:g} | {seconds:.2f} | {seconds / baseline:.2f}x |")
+        name = regularizer if lam else "(none)"
+        rows.append(f"| {name} | {lam:g} | {fraction:g} | {seconds:.2f} | {seconds / baseline:.2f}x |")
         del module
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch_size} x {args.seq_len} "

@@ -7,6 +7,7 @@ as a frozen buffer that travels with checkpoints, so a resumed run does not reco
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -91,6 +92,8 @@ class PrehabModule(LowRankCheckpointMixin, pl.LightningModule):
             callback in the same Trainer.
         calibration_batches: batches used to collect the whitening covariances.
         whitening_refresh_every: recollect the whitening factors every N steps (0 = never).
+        penalty_fraction: fraction of the targeted layers penalized per step, a block that rotates with the
+            step and is reweighted (unbiased over a rotation); below 1 it cuts the penalty's per-step cost.
         damping: first relative damping for non-positive-definite covariances.
         lr: learning rate of the default optimizer (AdamW with weight decay 0.01).
         optimizer: optimizer factory (from the CLI: ``--model.optimizer AdamW``); overrides ``lr``.
@@ -112,6 +115,7 @@ class PrehabModule(LowRankCheckpointMixin, pl.LightningModule):
         tail_ratio: float | None = None,
         calibration_batches: int = 16,
         whitening_refresh_every: int = 0,
+        penalty_fraction: float = 1.0,
         damping: float = 1e-6,
         lr: float = 5e-5,
         optimizer: OptimizerCallable | None = None,
@@ -131,6 +135,8 @@ class PrehabModule(LowRankCheckpointMixin, pl.LightningModule):
                 raise ValueError(f"{name}={value!r} is invalid: use an integer >= 0.")
         if not isinstance(calibration_batches, int) or calibration_batches < 1:
             raise ValueError(f"calibration_batches={calibration_batches!r} is invalid: use an integer >= 1.")
+        if not isinstance(penalty_fraction, int | float) or not 0 < penalty_fraction <= 1:
+            raise ValueError(f"penalty_fraction={penalty_fraction!r} is invalid: use a fraction in (0, 1].")
         if tail_ratio is not None and not 0 < tail_ratio < 1:
             raise ValueError(f"tail_ratio={tail_ratio!r} is invalid: use a fraction in (0, 1) or None.")
         if (
@@ -144,6 +150,7 @@ class PrehabModule(LowRankCheckpointMixin, pl.LightningModule):
         )
         self.task, self.regularizer_name = task, regularizer if isinstance(regularizer, str) else "custom"
         self.lam, self.lam_warmup_steps, self.tail_ratio = float(lam), lam_warmup_steps, tail_ratio
+        self.penalty_fraction = float(penalty_fraction)
         self.calibration_batches, self.whitening_refresh_every, self.damping = (
             calibration_batches,
             whitening_refresh_every,
@@ -290,22 +297,34 @@ class PrehabModule(LowRankCheckpointMixin, pl.LightningModule):
             raise ValueError("regularizer='tail' needs a target rank: set tail_ratio= or add a compression callback.")
         return rank_from_ratio(out_features, in_features, ratio)
 
+    def penalty_layers(self, step: int) -> list[str]:
+        """The layers penalized at ``step``: all of them, or a rotating block of ``penalty_fraction`` of them."""
+        count = len(self.target_names)
+        chosen = max(1, math.ceil(self.penalty_fraction * count))
+        return [self.target_names[(step * chosen + offset) % count] for offset in range(chosen)]
+
     def penalty(self) -> tuple[Tensor, list[float]]:
-        """λ-free penalty Σ λ_ℓ R(W_ℓ L_ℓ) and each layer's stable-rank value if the regularizer is stable_rank."""
+        """λ-free penalty Σ λ_ℓ R(W_ℓ L_ℓ) and each penalized layer's R value.
+
+        With ``penalty_fraction < 1`` only this step's rotating subset is evaluated, scaled by
+        ``layers / subset`` so that, averaged over a rotation, it equals the full penalty.
+        """
+        names = self.penalty_layers(self.global_step)
+        scale = len(self.target_names) / len(names)
         total = torch.zeros((), device=self.device)
         values = []
-        for index, name in enumerate(self.target_names):
+        for name in names:
             weight = dense_weight(self.model.get_submodule(name))
             whitened = weight @ self.whitening_factor(name)
             if self.regularizer_name == "tail":
                 value = self.penalty_fn(whitened, self._tail_rank(*weight.shape))
             elif self.regularizer_name == "stable_rank":
-                value = self.penalty_fn(whitened, seed=self.global_step * 7919 + index)
+                value = self.penalty_fn(whitened, seed=self.global_step * 7919 + self.target_names.index(name))
             else:
                 value = self.penalty_fn(whitened)
             values.append(float(value.detach()))
             total = total + self.layer_weights[name] * value
-        return total, values
+        return scale * total, values
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         if self.whitening_refresh_every and self.global_step and self.global_step % self.whitening_refresh_every == 0:

@@ -158,6 +158,7 @@ def test_lambda_warmup_and_layer_weights():
         ({"layer_weights": {"nothing": 1.0}}, r"layer_weights: pattern 'nothing' matches no targeted layer"),
         ({"tail_ratio": 1.5}, r"tail_ratio=1.5"),
         ({"calibration_batches": 0}, r"calibration_batches=0"),
+        ({"penalty_fraction": 0.0}, r"penalty_fraction=0.0 is invalid"),
     ],
 )
 def test_bad_arguments_are_rejected_with_the_fix(kwargs, match):
@@ -205,3 +206,20 @@ def test_model_named_once_gives_the_datamodule_its_tokenizer(tmp_path):
     assert data.tokenizer.vocab_size == tokenizer.vocab_size
     assert callback.report.totals()["layers_compressed"] > 0
     assert set(callback.report.metrics) == {"before_prehab", "dense", "svd_llm"}
+
+
+def test_penalty_fraction_rotates_an_unbiased_subset():
+    full, half = _module(lam=1.0, regularizer="nuclear"), _module(lam=1.0, regularizer="nuclear", penalty_fraction=0.5)
+    for module in (full, half):
+        for name in module.target_names:  # identity whitening: R(W) itself
+            width = module.model.get_submodule(name).in_features
+            module.whitening.register_buffer(module._buffer_name(name), torch.eye(width))
+    names = half.target_names
+    first, second = half.penalty_layers(0), half.penalty_layers(1)
+    assert len(first) == len(second) == 7 and set(first) | set(second) == set(names) and not set(first) & set(second)
+    total, values = full.penalty()
+    subset, subset_values = half.penalty()  # global_step 0: the first rotating block, reweighted x2
+    assert subset_values == pytest.approx(values[:7])
+    expected = 2 * sum(float(torch.linalg.svdvals(half.model.get_submodule(n).weight.detach()).sum()) for n in first)
+    assert float(subset) == pytest.approx(expected, rel=1e-5)
+    assert float(total) == pytest.approx(sum(values), rel=1e-5)
