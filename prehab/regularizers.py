@@ -202,6 +202,18 @@ def _default_head(a: Tensor) -> int:
     return max(128, min(a.shape) // 16)
 
 
+def _checked_sketch_args(
+    A: Tensor, rank_sketch: int | None, oversample: int, power_iters: int, probes: int
+) -> tuple[Tensor, int]:
+    """Validate the sketch's arguments (naming the bad one); returns the checked matrix and head size."""
+    a = _check_matrix(A)
+    rank_sketch = _default_head(a) if rank_sketch is None else _check_positive_int(rank_sketch, "rank_sketch", 1)
+    _check_positive_int(oversample, "oversample", 0)
+    _check_positive_int(power_iters, "power_iters", 0)
+    _check_positive_int(probes, "probes", 1)
+    return a, rank_sketch
+
+
 def _wide(a: Tensor) -> Tensor:
     return a.mT if a.shape[0] > a.shape[1] else a
 
@@ -227,11 +239,7 @@ def sketched_nuclear(
         seed: seeds a fresh generator on ``A``'s device (``None``: nondeterministic).
         generator: use (and advance) this generator instead of ``seed``.
     """
-    a = _check_matrix(A)
-    rank_sketch = _default_head(a) if rank_sketch is None else _check_positive_int(rank_sketch, "rank_sketch", 1)
-    _check_positive_int(oversample, "oversample", 0)
-    _check_positive_int(power_iters, "power_iters", 0)
-    _check_positive_int(probes, "probes", 1)
+    a, rank_sketch = _checked_sketch_args(A, rank_sketch, oversample, power_iters, probes)
     g = _generator(a, seed, generator)
     nuc, _ = _sketch_parts(_wide(a), rank_sketch, oversample, power_iters, probes, g)
     return nuc.to(a.dtype)
@@ -263,14 +271,10 @@ def stable_rank(
     """
     if exact:
         return nuclear_stable_rank(A, method="gram")
-    a = _check_matrix(A)
-    rank_sketch = _default_head(a) if rank_sketch is None else _check_positive_int(rank_sketch, "rank_sketch", 1)
+    a, rank_sketch = _checked_sketch_args(A, rank_sketch, oversample, power_iters, probes)
     if rank_sketch + oversample >= min(a.shape):
         # The sketch would span all of A: the exact small-Gram route gives the same value, several times faster.
         return nuclear_stable_rank(A, method="gram")
-    _check_positive_int(oversample, "oversample", 0)
-    _check_positive_int(power_iters, "power_iters", 0)
-    _check_positive_int(probes, "probes", 1)
     g = _generator(a, seed, generator)
     nuc, fro2 = _sketch_parts(_wide(a), rank_sketch, oversample, power_iters, probes, g)
     return (nuc.square() / fro2.clamp_min(_TINY)).to(a.dtype)

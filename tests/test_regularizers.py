@@ -189,6 +189,12 @@ def test_bad_sketch_arguments():
         stable_rank(torch.randn(8, 9), rank_sketch=0)
     with pytest.raises(ValueError, match="A must be a 2-D tensor"):
         stable_rank(torch.randn(8))
+    # Checked before the exact shortcut that small matrices take, for both entry points.
+    for bad in ({"oversample": -1}, {"power_iters": -1}, {"probes": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            stable_rank(torch.randn(8, 9), **bad)
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            sketched_nuclear(torch.randn(8, 9), **bad)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
