@@ -1,11 +1,12 @@
-"""Lightning callbacks: one compression method per file on a shared base."""
+"""Lightning callbacks: one compression method per file on a shared base, and LoRA rehab."""
 
 from .aa_svd import AASVD
 from .base import LowRankCompression
+from .rehab import LoRARehab
 from .saes_svd import SAESSVD
 from .svd import SVD
 from .svd_llm import SVDLLM
 
 METHODS: dict[str, type[LowRankCompression]] = {"svd": SVD, "svd_llm": SVDLLM, "aa_svd": AASVD, "saes_svd": SAESSVD}
 
-__all__ = ["AASVD", "METHODS", "SAESSVD", "SVD", "SVDLLM", "LowRankCompression"]
+__all__ = ["AASVD", "METHODS", "SAESSVD", "SVD", "SVDLLM", "LoRARehab", "LowRankCompression"]

@@ -1,27 +1,31 @@
 """``LowRankCompression``: the shared plumbing of every surgery method, run at the end of ``fit``.
 
 A method is a small subclass that says which statistics it needs and how to turn them into factors
-(``solve_layer``); resolving targets, calibration, validation, swapping, the report, logging and
-saving live here once.
+(``solve_layer``); resolving targets, calibration, validation, swapping, ratio sweeps, the report,
+logging and saving live here once.
 """
 
 from __future__ import annotations
 
-import copy
+import itertools
 import logging
+import math
+import os
 import time
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_only
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from prehab.calibration import collect_input_covariances, take_batches
-from prehab.linalg import LowRankFactors, factor_params, output_error, rank_from_ratio
+from prehab.linalg import LowRankFactors, damped_cholesky, factor_params, output_error, rank_from_ratio
 from prehab.lowrank import (
     CHECKPOINT_KEY,
     LowRankLinear,
@@ -31,14 +35,89 @@ from prehab.lowrank import (
     save_compressed,
 )
 from prehab.pipeline import GroupStatistics, sequential_compress
-from prehab.report import CompressionReport, LayerReport
-from prehab.targets import resolve_targets
+from prehab.report import CompressionReport, LayerReport, StageReport, SweepRow, model_size
+from prehab.targets import find_blocks, resolve_targets
 
-__all__ = ["LowRankCompression", "METHOD_NAMES"]
+from .steps import validation_metrics
+
+__all__ = ["Evaluator", "LowRankCompression", "METHOD_NAMES", "make_evaluator"]
 
 METHOD_NAMES = ("svd", "svd_llm", "aa_svd", "saes_svd")
+DEFAULT_RATIO = 0.4
+SPECTRUM_LAYERS = 4  # layers whose whitened spectra the report plots
+
+# () -> validation metrics of the module as it is now
+Evaluator = Callable[[], dict[str, float]]
 
 log = logging.getLogger("prehab")
+
+
+def _check_ratio(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < value < 1.0:
+        raise ValueError(
+            f"{name}={value!r} is invalid: it is the fraction of parameters removed and must lie strictly "
+            "between 0 and 1 (e.g. 0.4 removes 40%)."
+        )
+    return float(value)
+
+
+def _check_flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} is invalid: use true or false.")
+    return value
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} is invalid: use an integer >= 1.")
+    return value
+
+
+def _check_damping(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"damping={value!r} is invalid: use a small positive number such as 1e-6.")
+    return float(value)
+
+
+def _spectrum_layers(names: list[str], count: int = SPECTRUM_LAYERS) -> list[str]:
+    """``count`` evenly spaced names, the first and the last included."""
+    if len(names) <= count:
+        return list(names)
+    return [names[round(i * (len(names) - 1) / (count - 1))] for i in range(count)]
+
+
+def _whitened_spectrum(weight: Tensor, covariance: Tensor) -> list[float]:
+    lower = damped_cholesky(covariance).factor.to(weight.device)
+    return torch.linalg.svdvals(weight.double() @ lower).tolist()
+
+
+def make_evaluator(trainer: Trainer, pl_module: LightningModule) -> Evaluator | None:
+    """How the report measures the module, or None when there is no validation data or no way to evaluate.
+
+    A ``PrehabModule`` is evaluated with its own torchmetrics (``PrehabModule.evaluate``); any other
+    LightningModule with what its ``validation_step`` logs, averaged over the validation data. A module's own
+    unrelated ``evaluate`` method is never called.
+    """
+    loader = _validation_loader(trainer)
+    if loader is None:
+        return None
+    from prehab.module import PrehabModule
+
+    if isinstance(pl_module, PrehabModule):
+        return lambda: pl_module.evaluate(loader)
+    if is_overridden("validation_step", pl_module, LightningModule):
+        return lambda: validation_metrics(pl_module, loader, trainer)
+    return None
+
+
+def _validation_loader(trainer: Trainer) -> Iterable | None:
+    datamodule = trainer.datamodule
+    if datamodule is not None and is_overridden("val_dataloader", datamodule, LightningDataModule):
+        return datamodule.val_dataloader()
+    loaders = trainer.val_dataloaders
+    if isinstance(loaders, list | tuple):  # several validation loaders: the first one
+        loaders = loaders[0] if loaders else None
+    return loaders or None
 
 
 class LowRankCompression(Callback):
@@ -47,23 +126,39 @@ class LowRankCompression(Callback):
     Subclasses set ``method`` and implement :meth:`solve_layer`. Outside a Trainer, call
     :meth:`compress` on any ``nn.Module`` with a calibration dataloader.
 
+    At the end of ``fit`` the callback evaluates the model (see ``evaluate``), saves the dense model when
+    ``save_dir`` is set, compresses (at every ratio of ``ratios`` and with every ``compare`` method, on the
+    model itself, putting the dense layers back between runs), leaves the model compressed by this method at
+    the last ratio, prints the report and writes it.
+
     Args:
         ratio: fraction of the targeted layers' weight parameters removed, in (0, 1). Each layer gets
-            rank ``floor((1 - ratio) * m * n / (m + n))``.
+            rank ``floor((1 - ratio) * m * n / (m + n))``. Default 0.4 (when ``ratios`` is not given either).
+        ratios: several ratios to run in one fit, instead of ``ratio``: each is compressed and evaluated (one-stream
+            methods share one statistics pass) and reported in one table and one plot; the model ends
+            compressed at the **last** ratio of the list.
         targets: regex or list of regexes searched in module names. Default: every Linear inside the
             model's repeated transformer blocks (never embeddings or the LM head).
         calibration_batches: number of calibration batches (split across ranks under DDP).
         calibration_dataloader: explicit calibration data; otherwise the datamodule's
-            ``calibration_dataloader()``, else the first ``calibration_batches`` training batches.
-        save_dir: if set, the compressed model (``save_compressed`` folder) and ``report.json`` go here.
+            ``calibration_dataloader()``, else the first ``calibration_batches`` training batches. A one-shot
+            iterator (e.g. a generator) is read once and reused by every method and ratio.
+        save_dir: output folder. ``dense/`` (the model before surgery, when ``save_dense``), ``compressed/``
+            (after surgery; ``load_compressed`` reloads both), ``report.json``, ``report.md`` and PNG plots.
+            With a ``ModelCheckpoint`` in the Trainer, a ``compressed.ckpt`` of the compressed module is also written
+            into its folder (Lightning's own checkpoints are taken before ``on_fit_end``, on the dense model).
         blocks: name of the model's repeated block list (e.g. ``"model.layers"``) when the automatic
             search does not find it.
         damping: first relative damping (x trace/n) tried when a covariance is not positive definite.
         verbose: one log line per layer.
-        compare: other methods (by name: ``"svd"``, ``"svd_llm"``, ``"aa_svd"``, ``"saes_svd"``) to run on
-            copies of the model at the same ratio, for the report only; the model ends compressed by this one.
-        evaluate: when the module has an ``evaluate(dataloader)`` method (``PrehabModule`` does) and the
-            datamodule a validation set, report the metrics before and after compression.
+        compare: other methods (by name: ``"svd"``, ``"svd_llm"``, ``"aa_svd"``, ``"saes_svd"``) to run at the same
+            ratios, for the report only; the model ends compressed by this one.
+        evaluate: report validation metrics before the fit, after it (dense), after each compression (and after
+            rehab). A ``PrehabModule`` is evaluated with its own metrics (``PrehabModule.evaluate``); any other
+            LightningModule with what its ``validation_step`` logs, averaged over the validation data.
+        save_dense: with ``save_dir``, also save the dense model before surgery (nothing of the training is lost
+            if the surgery fails).
+        plots: with ``save_dir``, write the PNG plots (matplotlib).
     """
 
     method: ClassVar[str] = "lowrank"
@@ -72,7 +167,8 @@ class LowRankCompression(Callback):
 
     def __init__(
         self,
-        ratio: float = 0.4,
+        ratio: float | None = None,
+        ratios: list[float] | None = None,
         targets: str | list[str] | None = None,
         calibration_batches: int = 32,
         calibration_dataloader: Iterable | None = None,
@@ -82,36 +178,66 @@ class LowRankCompression(Callback):
         verbose: bool = False,
         compare: list[str] | None = None,
         evaluate: bool = True,
+        save_dense: bool = True,
+        plots: bool = True,
     ) -> None:
-        if not isinstance(ratio, int | float) or isinstance(ratio, bool) or not 0.0 < ratio < 1.0:
+        if ratio is not None and ratios is not None:
             raise ValueError(
-                f"ratio={ratio!r} is invalid: it is the fraction of parameters removed and must lie strictly "
-                "between 0 and 1 (e.g. ratio=0.4 removes 40%)."
+                f"ratio={ratio!r} and ratios={ratios!r} are both given: pass ratio= for one compression or ratios= "
+                "to run several (the model ends at the last one), not both."
             )
-        if not isinstance(calibration_batches, int) or calibration_batches < 1:
-            raise ValueError(f"calibration_batches={calibration_batches!r} is invalid: use an integer >= 1.")
-        if targets is not None and not (
-            isinstance(targets, str) or (isinstance(targets, Sequence) and all(isinstance(t, str) for t in targets))
-        ):
-            raise ValueError(f"targets={targets!r} is invalid: use a regex string, a list of them, or None.")
-        if not damping > 0:
-            raise ValueError(f"damping={damping!r} is invalid: use a small positive number such as 1e-6.")
+        if ratios is not None:
+            if isinstance(ratios, str) or not isinstance(ratios, Sequence) or not ratios:
+                raise ValueError(f"ratios={ratios!r} is invalid: use a non-empty list such as [0.2, 0.4, 0.6].")
+            self.ratios = [_check_ratio(f"ratios[{i}]", r) for i, r in enumerate(ratios)]
+            if len(set(self.ratios)) != len(self.ratios):
+                raise ValueError(f"ratios={ratios!r} repeats a value: list each ratio once.")
+        else:
+            self.ratios = [_check_ratio("ratio", DEFAULT_RATIO if ratio is None else ratio)]
+        self.ratio = self.ratios[-1]
+        self.calibration_batches = _check_positive_int("calibration_batches", calibration_batches)
+        if targets is not None:
+            if isinstance(targets, str):
+                pass
+            elif not isinstance(targets, Sequence) or not all(isinstance(t, str) for t in targets):
+                raise ValueError(f"targets={targets!r} is invalid: use a regex string, a list of them, or None.")
+            elif not targets:
+                raise ValueError("targets=[] selects no layer: give at least one regex, or None for the default.")
+        if blocks is not None and not isinstance(blocks, str):
+            raise ValueError(f"blocks={blocks!r} is invalid: name the block list as a string, e.g. 'model.layers'.")
+        if save_dir is not None and not isinstance(save_dir, str | os.PathLike):
+            raise ValueError(f"save_dir={save_dir!r} is invalid: use a folder path (string) or None.")
+        if compare is not None and (isinstance(compare, str) or not isinstance(compare, Sequence)):
+            raise ValueError(
+                f"compare={compare!r} is invalid: use a list of method names, e.g. compare=['svd']; "
+                f"valid names: {list(METHOD_NAMES)}."
+            )
         unknown = [m for m in compare or [] if m not in METHOD_NAMES]
         if unknown:
             raise ValueError(
                 f"compare={compare!r} names unknown methods {unknown}; valid values: {list(METHOD_NAMES)}."
             )
+        if calibration_dataloader is not None and not isinstance(calibration_dataloader, Iterable):
+            raise ValueError(
+                f"calibration_dataloader={calibration_dataloader!r} is not iterable: pass a DataLoader or a list "
+                "of batches."
+            )
+        self.damping = _check_damping(damping)
+        self.verbose = _check_flag("verbose", verbose)
+        self.evaluate = _check_flag("evaluate", evaluate)
+        self.save_dense = _check_flag("save_dense", save_dense)
+        self.plots = _check_flag("plots", plots)
         self.compare = list(compare or [])
-        self.evaluate = evaluate
-        self.ratio = float(ratio)
         self.targets = targets
-        self.calibration_batches = calibration_batches
         self.calibration_dataloader = calibration_dataloader
-        self.save_dir = save_dir
+        self.save_dir = None if save_dir is None else str(save_dir)
         self.blocks = blocks
-        self.damping = damping
-        self.verbose = verbose
         self.report: CompressionReport | None = None
+        self._fit_started: float | None = None
+        self._initial_metrics: dict[str, float] | None = None
+        self._initial_weights: dict[str, Tensor] = {}  # a few layers' weights before the fit (spectra plot)
+        self._spectrum_names: list[str] = []
+        self._spectra: dict[str, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ method-specific part
     def solve_layer(self, name: str, weight: Tensor, rank: int, stats: dict[str, Tensor]) -> LowRankFactors:
@@ -122,54 +248,66 @@ class LowRankCompression(Callback):
         """
         raise NotImplementedError
 
+    def method_kwargs(self) -> dict[str, Any]:
+        """Arguments shared with the ``compare`` methods (same targets, data and numerics)."""
+        return {
+            "targets": self.targets,
+            "calibration_batches": self.calibration_batches,
+            "blocks": self.blocks,
+            "damping": self.damping,
+            "evaluate": False,
+            "plots": False,
+        }
+
     # ------------------------------------------------------------------ Lightning hooks
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Bad targets= / blocks= fail now, before any training step, not after the whole fit.
+        targets = resolve_targets(pl_module, self.targets, self.blocks)
+        if self.blocks is not None:
+            find_blocks(pl_module, self.blocks)
+        self._spectrum_names = _spectrum_layers(list(targets))
+        self._fit_started, self._initial_metrics, self._initial_weights = None, None, {}
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._fit_started = time.perf_counter()
+        self._initial_weights = {
+            name: dense_weight(pl_module.get_submodule(name)).detach().to("cpu", copy=True)
+            for name in self._spectrum_names
+        }
+        from prehab.module import PrehabModule  # PrehabModule evaluates itself before prehab
+
+        if not isinstance(pl_module, PrehabModule):
+            evaluator = self.evaluator(trainer, pl_module)
+            self._initial_metrics = evaluator() if evaluator is not None else None
+
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        fit_seconds = None if self._fit_started is None else time.perf_counter() - self._fit_started
         loader, sharded = self._calibration_source(trainer)
         where = {
             "rank": 0 if sharded else trainer.global_rank,
             "world_size": 1 if sharded else trainer.world_size,
             "progress": trainer.is_global_zero,
         }
-        evaluation = self._evaluation_loader(trainer, pl_module)
-        metrics = dict(getattr(pl_module, "stage_metrics", {}))  # e.g. "before_prehab" from PrehabModule
-        if evaluation is not None:
-            metrics["dense"] = pl_module.evaluate(evaluation)
-        comparison = []
-        for name in self.compare:
-            from prehab.callbacks import METHODS  # the subclasses live in the package that imports this file
+        evaluator = self.evaluator(trainer, pl_module)
+        stages = []
+        initial = getattr(pl_module, "stage_metrics", {}).get("before_prehab", self._initial_metrics)
+        params, size = model_size(pl_module)
+        if initial is not None:
+            stages.append(StageReport("before_prehab", params, size, None, dict(initial)))
+        stages.append(StageReport("dense", params, size, fit_seconds, evaluator() if evaluator else {}))
+        if self.save_dir is not None and self.save_dense:
+            self._save_model(pl_module, Path(self.save_dir) / "dense", None)
+            trainer.strategy.barrier("prehab_dense_saved")
+        report = self.sweep(pl_module, loader, evaluator=evaluator, **where)
+        final = next(row for row in report.sweep if row.final)
+        params, size = model_size(pl_module)
+        stages.append(StageReport(self.method, params, size, report.seconds["total"], final.metrics))
+        report.stages = stages
+        self.publish(trainer, pl_module, report, stage=self.method)
 
-            other = METHODS[name](
-                ratio=self.ratio,
-                targets=self.targets,
-                calibration_batches=self.calibration_batches,
-                blocks=self.blocks,
-                damping=self.damping,
-            )
-            trial = copy.deepcopy(pl_module, memo={id(trainer): trainer})  # share, don't copy, the Trainer
-            totals = other.compress(trial, loader, **where).totals()
-            comparison.append(
-                {
-                    "method": name,
-                    "model_params_after": totals["model_params_after"],
-                    "mean_relative_error": totals["mean_relative_error"],
-                    "metrics": trial.evaluate(evaluation) if evaluation is not None else {},
-                }
-            )
-            del trial
-        report = self.compress(pl_module, loader, **where)
-        if evaluation is not None:
-            metrics[self.method] = pl_module.evaluate(evaluation)
-        report.metrics, report.comparison = metrics, comparison
-        self._publish(trainer, pl_module, report)
-
-    def _evaluation_loader(self, trainer: Trainer, pl_module: LightningModule) -> Iterable | None:
-        if not self.evaluate or not callable(getattr(pl_module, "evaluate", None)):
-            return None
-        datamodule = trainer.datamodule
-        if datamodule is not None and type(datamodule).val_dataloader is not LightningDataModule.val_dataloader:
-            return datamodule.val_dataloader()
-        loaders = trainer.val_dataloaders
-        return loaders if loaders else None
+    def evaluator(self, trainer: Trainer, pl_module: LightningModule) -> Evaluator | None:
+        """How to measure the module now (:func:`make_evaluator`), or None with ``evaluate=False``."""
+        return make_evaluator(trainer, pl_module) if self.evaluate else None
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         structure = lowrank_structure(pl_module)
@@ -177,20 +315,74 @@ class LowRankCompression(Callback):
             checkpoint[CHECKPOINT_KEY] = structure
 
     def _calibration_source(self, trainer: Trainer) -> tuple[Iterable | None, bool]:
-        """(loader, already sharded per rank)."""
+        """(loader, already sharded per rank). One-shot iterators are read once, so every run sees the same data."""
         if self.calibration_dataloader is not None:
-            return self.calibration_dataloader, False
-        datamodule = trainer.datamodule
-        if datamodule is not None and hasattr(datamodule, "calibration_dataloader"):
-            return datamodule.calibration_dataloader(), False
-        if datamodule is not None:
-            return datamodule.train_dataloader(), False
-        loader = trainer.train_dataloader  # dataloaders passed to fit(): Lightning already sharded them
-        if isinstance(loader, CombinedLoader):
-            loader = loader.iterables
-        return loader, trainer.world_size > 1
+            loader, sharded = self.calibration_dataloader, False
+        elif trainer.datamodule is not None and hasattr(trainer.datamodule, "calibration_dataloader"):
+            loader, sharded = trainer.datamodule.calibration_dataloader(), False
+        elif trainer.datamodule is not None:
+            loader, sharded = trainer.datamodule.train_dataloader(), False
+        else:
+            loader = trainer.train_dataloader  # dataloaders passed to fit(): Lightning already sharded them
+            if isinstance(loader, CombinedLoader):
+                loader = loader.iterables
+            sharded = trainer.world_size > 1
+        if isinstance(loader, Iterator):
+            loader = list(itertools.islice(loader, self.calibration_batches))
+        return loader, sharded
 
     # ------------------------------------------------------------------ the work
+    def sweep(
+        self,
+        model: nn.Module,
+        dataloader: Iterable | None,
+        rank: int = 0,
+        world_size: int = 1,
+        progress: bool = True,
+        evaluator: Evaluator | None = None,
+    ) -> CompressionReport:
+        """Compress ``model`` with every ``compare`` method and then this one, at every ratio, evaluating each.
+
+        Runs on the model itself and puts the dense layers back between runs (no copy of the model); one-stream
+        statistics are collected once and shared. The model ends compressed by this method at the last ratio;
+        on any failure it is put back dense, as it was.
+        """
+        from prehab.callbacks import METHODS  # the subclasses live in the package that imports this file
+
+        if isinstance(dataloader, Iterator):  # a one-shot iterator: read once, reused by every run
+            dataloader = list(itertools.islice(dataloader, self.calibration_batches))
+        runs = [(METHODS[name](**self.method_kwargs()), ratio) for name in self.compare for ratio in self.ratios]
+        runs += [(self, ratio) for ratio in self.ratios]
+        dense = resolve_targets(model, self.targets, self.blocks)
+        shared: dict[str, Any] = {}  # one-stream statistics, collected by the first run that needs them
+        rows = []
+        try:
+            for index, (method, ratio) in enumerate(runs):
+                final = index == len(runs) - 1
+                report = method.compress(
+                    model, dataloader, rank, world_size, progress, ratio=ratio, shared_statistics=shared
+                )
+                metrics = evaluator() if evaluator is not None else {}
+                totals = report.totals()
+                rows.append(
+                    SweepRow(
+                        method.method,
+                        ratio,
+                        totals["model_params_after"],
+                        totals["mean_relative_error"],
+                        metrics,
+                        report.seconds["total"],
+                        final,
+                    )
+                )
+                if not final:
+                    _restore(model, dense)
+        except BaseException:
+            _restore(model, dense)
+            raise
+        report.sweep = rows
+        return report
+
     def compress(
         self,
         model: nn.Module,
@@ -198,23 +390,32 @@ class LowRankCompression(Callback):
         rank: int = 0,
         world_size: int = 1,
         progress: bool = True,
+        ratio: float | None = None,
+        shared_statistics: dict[str, Any] | None = None,
     ) -> CompressionReport:
-        """Compress ``model`` in place and return the report.
+        """Compress ``model`` in place at ``ratio`` (default: the last of ``ratios``) and return the report.
 
         Nothing is modified until every layer's factors are computed and checked, so a failure leaves
-        the model exactly as it was.
+        the model exactly as it was. ``shared_statistics`` (a dict, filled on first use) lets several
+        one-stream compressions of the same dense model share one statistics pass.
         """
+        ratio = self.ratio if ratio is None else _check_ratio("ratio", ratio)
         started = time.perf_counter()
         targets = resolve_targets(model, self.targets, self.blocks)
-        plan = {name: self._plan_layer(module) for name, module in targets.items()}
+        plan = {name: self._plan_layer(module, ratio) for name, module in targets.items()}
         if dataloader is None and self.requires_calibration:
             raise ValueError(
                 f"{type(self).__name__} needs calibration data and found none: pass calibration_dataloader=, "
                 "give your LightningDataModule a calibration_dataloader() method, or provide a train dataloader."
             )
+        if isinstance(dataloader, Iterator):  # one-shot: keep what was read for the runs that follow
+            dataloader = list(itertools.islice(dataloader, self.calibration_batches))
         params_before = sum(p.numel() for p in model.parameters())
         reports: dict[str, LayerReport] = {}
         timer = {"solve": 0.0}
+        self._spectra = {}
+        if self.plots and not self._spectrum_names:
+            self._spectrum_names = _spectrum_layers(list(targets))
 
         def solve_group(names: list[str], stats: dict[str, Tensor] | None, samples: int) -> dict[str, nn.Module]:
             """Factor the named layers from their (shared) statistics; returns replacements, swaps nothing."""
@@ -243,15 +444,13 @@ class LowRankCompression(Callback):
             for name in unused:
                 solve_group([name], None, 0)
         else:
-            stats: dict[str, dict[str, Tensor]] = {}
-            if dataloader is not None:
-                stats, samples = self.collect_statistics(model, targets, dataloader, rank, world_size, progress)
-                for name, layer_stats in stats.items():  # all checked before any factorization
-                    self._check_statistics([name], layer_stats)
+            stats, samples = self._one_stream_statistics(
+                model, targets, dataloader, rank, world_size, progress, shared_statistics
+            )
             solutions: dict[str, nn.Module] = {}
             bar = tqdm(targets, desc=f"{self.method}: factorizing", disable=not progress, unit="layer")
             for name in bar:  # everything is solved before anything is swapped
-                layer_stats = stats.get(name) if dataloader is not None else {}
+                layer_stats = stats.get(name) if stats else {}
                 solutions.update(solve_group([name], layer_stats, samples))
             for name, replacement in solutions.items():
                 replace_module(model, name, replacement)
@@ -260,15 +459,49 @@ class LowRankCompression(Callback):
         total = time.perf_counter() - started
         report = CompressionReport(
             method=self.method,
-            ratio=self.ratio,
+            ratio=ratio,
             layers=layers,
             model_params_before=params_before,
             model_params_after=sum(p.numel() for p in model.parameters()),
             calibration_samples=samples,
             seconds={"calibration": total - timer["solve"], "factorization": timer["solve"], "total": total},
+            spectra=self._spectra,
         )
         self.report = report
         return report
+
+    def _one_stream_statistics(
+        self,
+        model: nn.Module,
+        targets: dict[str, nn.Module],
+        dataloader: Iterable | None,
+        rank: int,
+        world_size: int,
+        progress: bool,
+        shared: dict[str, Any] | None,
+    ) -> tuple[dict[str, dict[str, Tensor]] | None, int]:
+        """``({name: {"G": ...}}, samples)``; None without data. Plain SVD (which needs no data) warns and goes
+        on without them when the data cannot be used."""
+        if dataloader is None:
+            return None, 0
+        if shared is not None and "stats" in shared:
+            return shared["stats"], shared["samples"]
+        try:
+            stats, samples = self.collect_statistics(model, targets, dataloader, rank, world_size, progress)
+            for name, layer_stats in stats.items():  # all checked before any factorization
+                self._check_statistics([name], layer_stats)
+        except Exception as err:
+            if self.requires_calibration:
+                raise
+            warnings.warn(
+                f"{type(self).__name__} needs no calibration data, so it goes on without it; the report's error "
+                f"column stays empty because the calibration data could not be used ({type(err).__name__}: {err}).",
+                stacklevel=2,
+            )
+            return None, 0
+        if shared is not None:
+            shared.update(stats=stats, samples=samples)
+        return stats, samples
 
     def _solve_one(
         self,
@@ -313,6 +546,12 @@ class LowRankCompression(Callback):
                 "n/a" if error is None else f"{error:.4g}",
                 f" [{note}]" if note else "",
             )
+        if self.plots and name in self._spectrum_names and "G" in stats:
+            self._spectra[name] = {"rank": layer_rank, "after_prehab": _whitened_spectrum(weight, stats["G"])}
+            if name in self._initial_weights:
+                self._spectra[name]["before_prehab"] = _whitened_spectrum(
+                    self._initial_weights[name].to(weight.device), stats["G"]
+                )
         bias = module.bias if isinstance(getattr(module, "bias", None), Tensor) else None
         layer_report = LayerReport(
             name,
@@ -328,9 +567,9 @@ class LowRankCompression(Callback):
         )
         return layer_report, LowRankLinear.from_factors(factors.up, factors.down, bias, like=weight)
 
-    def _plan_layer(self, module: nn.Module) -> tuple[int | None, str]:
+    def _plan_layer(self, module: nn.Module, ratio: float) -> tuple[int | None, str]:
         out_features, in_features = dense_weight(module).shape
-        rank = rank_from_ratio(out_features, in_features, self.ratio)
+        rank = rank_from_ratio(out_features, in_features, ratio)
         if factor_params(out_features, in_features, rank) >= out_features * in_features:
             return None, (
                 f"kept dense: rank {rank} needs {factor_params(out_features, in_features, rank)} "
@@ -370,28 +609,51 @@ class LowRankCompression(Callback):
         g = stats["G"]
         dense = float((weight.double() @ g * weight.double()).sum())
         error = output_error(weight, approx, g, stats.get("C"), stats.get("H"))
-        return error / dense if dense > 0 else 0.0
+        # Round-off can make an exact fit slightly negative (printed as -0.0): the error is a squared norm.
+        return max(error, 0.0) / dense if dense > 0 else 0.0
 
     # ------------------------------------------------------------------ report, logs, files
-    def _publish(self, trainer: Trainer, pl_module: LightningModule, report: CompressionReport) -> None:
-        totals = report.totals()
+    def publish(self, trainer: Trainer, pl_module: LightningModule, report: CompressionReport, stage: str) -> None:
+        """Log the report, print it, and (with ``save_dir``) save the model after ``stage`` and the report files.
+
+        Also used by :class:`~prehab.callbacks.LoRARehab` after it adds its stage to this callback's report.
+        """
+        self.report = report
         if trainer.logger is not None:
-            metrics = {f"compression/{k}": float(v) for k, v in totals.items() if v is not None}
-            for stage, values in report.metrics.items():
-                metrics.update({f"compression/{stage}/{k}": v for k, v in values.items()})
+            metrics = {f"compression/{k}": float(v) for k, v in report.totals().items() if v is not None}
+            for name, values in report.metrics.items():
+                metrics.update({f"compression/{name}/{k}": v for k, v in values.items()})
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
         self._print_report(report)
+        folder = "compressed" if stage == self.method else stage
         if self.save_dir is not None:
-            self._save(pl_module, report)
-            trainer.strategy.barrier("prehab_compression_saved")
+            self._save_model(pl_module, Path(self.save_dir) / folder, report)
+            self._save_report(report)
+            trainer.strategy.barrier("prehab_saved")
+        checkpoints = [c for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
+        if checkpoints:  # Lightning's own checkpoints hold the dense model: save the compressed one too
+            path = Path(checkpoints[0].dirpath) / f"{folder}.ckpt"
+            trainer.save_checkpoint(path, weights_only=True)
+            if trainer.is_global_zero:
+                log.info("saved a checkpoint of the module after %s to %s", stage, path)
 
     @rank_zero_only
     def _print_report(self, report: CompressionReport) -> None:
         report.print()
 
     @rank_zero_only
-    def _save(self, model: nn.Module, report: CompressionReport) -> None:
-        folder = Path(self.save_dir)
-        save_compressed(model, folder, metadata=report.to_dict())
-        report.save_json(folder / "report.json")
-        log.info("saved the compressed model and report to %s", folder)
+    def _save_model(self, model: nn.Module, folder: Path, report: CompressionReport | None) -> None:
+        save_compressed(model, folder, metadata=None if report is None else report.to_dict())
+        log.info("saved the model to %s", folder)
+
+    @rank_zero_only
+    def _save_report(self, report: CompressionReport) -> None:
+        files = report.save(self.save_dir, plots=self.plots)
+        log.info("wrote %s", ", ".join(str(f) for f in files))
+
+
+def _restore(model: nn.Module, dense: dict[str, nn.Module]) -> None:
+    """Put the dense layers back wherever a run replaced them."""
+    for name, module in dense.items():
+        if model.get_submodule(name) is not module:
+            replace_module(model, name, module)

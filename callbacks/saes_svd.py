@@ -16,6 +16,10 @@ __all__ = ["SAESSVD"]
 OBJECTIVES = ("ratio", "energy")
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 class SAESSVD(LowRankCompression):
     """Whiten with ``H = X̂X̂ᵀ`` and approximate ``W((1 − β) H + β C) L⁻ᵀ``: β = 0 is SVD-LLM on the shifted
     inputs, β = 1 is AA-SVD. With ``beta=None`` each layer's β comes from ACES (closed-form minimizer of
@@ -45,20 +49,21 @@ class SAESSVD(LowRankCompression):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if beta is not None and not 0.0 <= beta <= 1.0:
+        if beta is not None and not (_is_number(beta) and 0.0 <= beta <= 1.0):
             raise ValueError(
-                f"beta={beta!r} is invalid: use a value in [0, 1] (0 = SVD-LLM, 1 = AA-SVD) or None for ACES."
+                f"beta={beta!r} is invalid: use a number in [0, 1] (0 = SVD-LLM, 1 = AA-SVD) or None for ACES."
             )
-        if not 0.0 <= beta_min <= beta_max <= 1.0:
+        if not (_is_number(beta_min) and _is_number(beta_max) and 0.0 <= beta_min <= beta_max <= 1.0):
             raise ValueError(
-                f"beta_min={beta_min!r}, beta_max={beta_max!r} are invalid: need 0 <= beta_min <= beta_max <= 1."
+                f"beta_min={beta_min!r}, beta_max={beta_max!r} are invalid: need numbers with "
+                "0 <= beta_min <= beta_max <= 1."
             )
         if objective not in OBJECTIVES:
             raise ValueError(f"objective={objective!r} is invalid; valid values: {', '.join(map(repr, OBJECTIVES))}.")
-        if not 0.0 < beta_cap <= 1.0:
-            raise ValueError(f"beta_cap={beta_cap!r} is invalid: use a value in (0, 1], e.g. 0.95.")
-        if not 0.0 < beta_shrink <= 1.0:
-            raise ValueError(f"beta_shrink={beta_shrink!r} is invalid: use a value in (0, 1].")
+        if not (_is_number(beta_cap) and 0.0 < beta_cap <= 1.0):
+            raise ValueError(f"beta_cap={beta_cap!r} is invalid: use a number in (0, 1], e.g. 0.95.")
+        if not (_is_number(beta_shrink) and 0.0 < beta_shrink <= 1.0):
+            raise ValueError(f"beta_shrink={beta_shrink!r} is invalid: use a number in (0, 1].")
         self.beta, self.beta_min, self.beta_max = beta, beta_min, beta_max
         self.objective, self.beta_cap, self.beta_shrink = objective, beta_cap, beta_shrink
 

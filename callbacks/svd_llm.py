@@ -27,6 +27,8 @@ class SVDLLM(LowRankCompression):
 
     def __init__(self, propagate: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if not isinstance(propagate, bool):
+            raise ValueError(f"propagate={propagate!r} is invalid: use true (two-stream) or false (one pass).")
         self.propagate = propagate
         self.two_stream = propagate
 

@@ -1,16 +1,79 @@
-"""The compression report: per-layer table, totals, JSON, and a readable rich table."""
+"""The run report: per-layer table, stages (before/after prehab, surgery, rehab), ratio sweeps, spectra.
+
+Written as ``report.json`` (strict JSON, schema below), ``report.md`` (the tables a person reads) and PNG
+plots (:mod:`prehab.plots`). Printed as rich tables at the end of a run.
+
+``report.json`` schema (``"schema": "prehab.report"``, ``"version": 1``):
+
+- ``method``, ``ratio`` (the ratio the model ends at), ``ratios`` (every ratio run), ``calibration_samples``;
+- ``seconds``: the surgery's ``calibration``, ``factorization`` and ``total`` seconds;
+- ``totals``: layer and parameter counts of the targeted layers and of the whole model (see :meth:`totals`);
+- ``stages``: one entry per stage the model went through, in order: ``before_prehab`` (before the fit),
+  ``dense`` (after prehab / fine-tuning), the surgery (named by the method), ``rehab`` (after LoRA) — each
+  ``{name, label, params, size_mb, seconds, metrics}``; ``seconds`` is the time the stage took (null: not timed),
+  ``size_mb`` the parameters' bytes / 1e6 (shared tensors counted once);
+- ``sweep``: every (method, ratio) compressed in the run, the model's own final compression included —
+  ``{method, ratio, params, mean_relative_error, metrics, seconds, final}``;
+- ``layers``: the per-layer table of the final compression — ``{name, out_features, in_features, rank,
+  params_before, params_after, relative_error, damping, beta, note}`` (``rank`` null: kept dense);
+- ``spectra``: for a few layers, whitened singular values ``σ_i(W L)`` (``L Lᵀ`` = the layer's input covariance
+  at surgery) ``{layer: {"rank": r, "before_prehab": [...], "after_prehab": [...]}}``; ``before_prehab`` uses the
+  weights from before the fit, both use the same ``L``.
+
+Non-finite numbers are written as ``null`` (strict JSON).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from torch import nn
 
-__all__ = ["CompressionReport", "LayerReport"]
+__all__ = [
+    "REPORT_SCHEMA",
+    "REPORT_VERSION",
+    "CompressionReport",
+    "LayerReport",
+    "StageReport",
+    "SweepRow",
+    "model_size",
+]
+
+REPORT_SCHEMA = "prehab.report"
+REPORT_VERSION = 1
+
+STAGE_LABELS = {
+    "before_prehab": "before prehab",
+    "dense": "after prehab (dense)",
+    "rehab": "after rehab (LoRA)",
+}
+
+
+def model_size(model: nn.Module) -> tuple[int, float]:
+    """(parameters, MB of parameter storage) with shared tensors counted once (``parameters()`` de-duplicates)."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params) / 1e6
+
+
+def _finite(value: Any) -> Any:
+    """JSON-safe copy: NaN/Inf become None (``json`` would write the non-standard ``Infinity``)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _number(value: float | None, spec: str = ".4g") -> str:
+    return "-" if value is None or not math.isfinite(value) else format(value, spec)
 
 
 @dataclass
@@ -32,6 +95,34 @@ class LayerReport:
 
 
 @dataclass
+class StageReport:
+    """The model after one stage of the pipeline."""
+
+    name: str  # "before_prehab", "dense", the surgery method, "rehab"
+    params: int
+    size_mb: float
+    seconds: float | None = None  # time the stage took
+    metrics: dict[str, float] = field(default_factory=dict)
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        self.label = self.label or STAGE_LABELS.get(self.name, f"after surgery ({self.name})")
+
+
+@dataclass
+class SweepRow:
+    """One (method, ratio) compression of the run, evaluated."""
+
+    method: str
+    ratio: float
+    params: int
+    mean_relative_error: float | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float | None = None
+    final: bool = False  # the compression the model itself ends with
+
+
+@dataclass
 class CompressionReport:
     method: str
     ratio: float
@@ -40,8 +131,25 @@ class CompressionReport:
     model_params_after: int = 0
     calibration_samples: int = 0  # rows (tokens/patches) seen per layer
     seconds: dict[str, float] = field(default_factory=dict)
-    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # stage ("dense", method) -> metrics
-    comparison: list[dict[str, Any]] = field(default_factory=list)  # other methods run on copies, same ratio
+    stages: list[StageReport] = field(default_factory=list)
+    sweep: list[SweepRow] = field(default_factory=list)
+    spectra: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> dict[str, dict[str, float]]:
+        """``{stage name: metrics}`` for the stages that were evaluated."""
+        return {stage.name: stage.metrics for stage in self.stages if stage.metrics}
+
+    @property
+    def ratios(self) -> list[float]:
+        return sorted({row.ratio for row in self.sweep}) or [self.ratio]
+
+    def stage(self, name: str) -> StageReport | None:
+        return next((s for s in self.stages if s.name == name), None)
+
+    def set_stage(self, stage: StageReport) -> None:
+        """Add a stage, or replace the one with the same name (a re-run of that stage)."""
+        self.stages = [s for s in self.stages if s.name != stage.name] + [stage]
 
     def totals(self) -> dict[str, Any]:
         before = sum(layer.params_before for layer in self.layers)
@@ -63,24 +171,78 @@ class CompressionReport:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "ratio": self.ratio,
-            "calibration_samples": self.calibration_samples,
-            "seconds": self.seconds,
-            "totals": self.totals(),
-            "metrics": self.metrics,
-            "comparison": self.comparison,
-            "layers": [asdict(layer) for layer in self.layers],
-        }
+        return _finite(
+            {
+                "schema": REPORT_SCHEMA,
+                "version": REPORT_VERSION,
+                "method": self.method,
+                "ratio": self.ratio,
+                "ratios": self.ratios,
+                "calibration_samples": self.calibration_samples,
+                "seconds": self.seconds,
+                "totals": self.totals(),
+                "stages": [asdict(stage) for stage in self.stages],
+                "sweep": [asdict(row) for row in self.sweep],
+                "layers": [asdict(layer) for layer in self.layers],
+                "spectra": self.spectra,
+            }
+        )
 
     def save_json(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2))
+        path.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False))
         return path
 
+    def save(self, folder: str | Path, plots: bool = True) -> list[Path]:
+        """Write ``report.json``, ``report.md`` and (with ``plots``) the PNG plots into ``folder``."""
+        folder = Path(folder)
+        written = [self.save_json(folder / "report.json")]
+        images = []
+        if plots:
+            from prehab.plots import save_plots
+
+            images = save_plots(self, folder)
+        (folder / "report.md").write_text(self.to_markdown([p.name for p in images]))
+        return [*written, folder / "report.md", *images]
+
+    # ------------------------------------------------------------------ tables
+    def metric_names(self) -> list[str]:
+        return sorted({k for row in [*self.stages, *self.sweep] for k in row.metrics})
+
+    def summary_rows(self) -> list[dict[str, Any]]:
+        """The closing table: stages in order, other compressions of the sweep just before the model's own."""
+        rows = []
+        errors = self.totals()["mean_relative_error"]
+        others = [r for r in self.sweep if not r.final]
+        for stage in self.stages:
+            if stage.name == self.method:
+                for row in others:
+                    rows.append(
+                        {
+                            "model": f"{row.method}, {row.ratio:g} removed (copy)",
+                            "params": row.params,
+                            "size_mb": None,
+                            "error": row.mean_relative_error,
+                            "seconds": row.seconds,
+                            "metrics": row.metrics,
+                        }
+                    )
+            label = f"{stage.label}, {self.ratio:g} removed" if stage.name == self.method else stage.label
+            rows.append(
+                {
+                    "model": label,
+                    "params": stage.params,
+                    "size_mb": stage.size_mb,
+                    "error": errors if stage.name == self.method else None,
+                    "seconds": stage.seconds,
+                    "metrics": stage.metrics,
+                }
+            )
+        return rows
+
     def table(self) -> Table:
+        """The per-layer table."""
         show_beta = any(layer.beta is not None for layer in self.layers)
         totals = self.totals()
         caption = (
@@ -105,6 +267,12 @@ class CompressionReport:
             table.add_column(
                 column, footer=footers.get(column, ""), justify="left" if left else "right", no_wrap=column == "layer"
             )
+        for row in self._layer_rows(show_beta):
+            table.add_row(*row)
+        return table
+
+    def _layer_rows(self, show_beta: bool) -> list[list[str]]:
+        rows = []
         for layer in self.layers:
             row = [
                 layer.name,
@@ -112,13 +280,33 @@ class CompressionReport:
                 "dense" if layer.rank is None else str(layer.rank),
                 f"{layer.params_before:,}",
                 f"{layer.params_after:,}",
-                "-" if layer.relative_error is None else f"{layer.relative_error:.3g}",
-                f"{layer.damping:.0e}" if layer.damping else "0",
+                _number(layer.relative_error, ".3g"),
+                _number(layer.damping, ".0e") if layer.damping else "0",
             ]
-            row += ["-" if layer.beta is None else f"{layer.beta:.3f}"] if show_beta else []
-            row += [layer.note]
-            table.add_row(*row)
+            row += [_number(layer.beta, ".3f")] if show_beta else []
+            rows.append([*row, layer.note])
+        return rows
+
+    def metrics_table(self) -> Table:
+        """The closing table: every stage and every compression of the run, with its metrics."""
+        names = self.metric_names()
+        table = Table(title=f"prehab run: {self.method}, the model ends at ratio {self.ratio:g}")
+        for column in ["model", "params", "size (MB)", "mean rel. error", *names, "seconds"]:
+            table.add_column(column, justify="left" if column == "model" else "right")
+        for row in self.summary_rows():
+            table.add_row(*self._summary_cells(row, names))
         return table
+
+    @staticmethod
+    def _summary_cells(row: dict[str, Any], names: list[str]) -> list[str]:
+        return [
+            row["model"],
+            f"{row['params']:,}",
+            _number(row["size_mb"], ".2f"),
+            _number(row["error"], ".3g"),
+            *[_number(row["metrics"].get(n)) for n in names],
+            _number(row["seconds"], ".1f"),
+        ]
 
     def print(self, console: Console | None = None) -> None:
         # Layer names are long: never squeeze the table below 140 columns (a log file has no width).
@@ -126,37 +314,60 @@ class CompressionReport:
         if console.width < 140:
             console = Console(file=console.file, width=140)
         console.print(self.table())
-        if self.metrics or self.comparison:
+        if self.stages or self.sweep:
             console.print(self.metrics_table())
 
-    def metrics_table(self) -> Table:
-        """Metrics of the dense model, this method and the compared methods, side by side."""
-        rows = (
-            [("before prehab", self.model_params_before, None, self.metrics["before_prehab"])]
-            if ("before_prehab" in self.metrics)
-            else []
-        )
-        rows.append(("dense", self.model_params_before, None, self.metrics.get("dense", {})))
-        rows += [
-            (c["method"], c["model_params_after"], c["mean_relative_error"], c["metrics"]) for c in self.comparison
+    def to_markdown(self, images: list[str] | None = None) -> str:
+        """``report.md``: the closing table, the method x ratio tables, the per-layer table, the plots."""
+        names = self.metric_names()
+        totals = self.totals()
+        lines = [
+            f"# prehab report: {self.method}, the model ends at ratio {self.ratio:g}",
+            "",
+            f"Whole model {totals['model_params_before']:,} -> {totals['model_params_after']:,} parameters "
+            f"({100 * totals['model_ratio_removed']:.1f}% removed; targeted layers "
+            f"{100 * totals['target_ratio_removed']:.1f}% removed). Calibration: {self.calibration_samples:,} rows "
+            f"per layer. Surgery: {self.seconds.get('total', 0.0):.1f} s.",
+            "",
+            "## Stages",
+            "",
         ]
-        rows.append(
-            (
-                self.method,
-                self.model_params_after,
-                self.totals()["mean_relative_error"],
-                self.metrics.get(self.method, {}),
-            )
+        lines += _markdown_table(
+            ["model", "params", "size (MB)", "mean rel. error", *names, "seconds"],
+            [self._summary_cells(row, names) for row in self.summary_rows()],
         )
-        names = sorted({k for *_, metrics in rows for k in metrics})
-        table = Table(title=f"metrics before and after compression (ratio {self.ratio:g})")
-        for column in ["model", "params", "mean rel. error", *names]:
-            table.add_column(column, justify="left" if column == "model" else "right")
-        for model, params, error, metrics in rows:
-            table.add_row(
-                model,
-                f"{params:,}",
-                "-" if error is None else f"{error:.3g}",
-                *[f"{metrics[n]:.4g}" if n in metrics else "-" for n in names],
-            )
-        return table
+        methods = list(dict.fromkeys(row.method for row in self.sweep))
+        if self.sweep and (len(self.ratios) > 1 or len(methods) > 1):
+            for name in names or [None]:
+                title = name or "parameters"
+                lines += ["", f"## Methods x ratios: {title}", ""]
+                cells = []
+                for method in methods:
+                    by_ratio = {row.ratio: row for row in self.sweep if row.method == method}
+                    cells.append(
+                        [
+                            method,
+                            *[
+                                "-"
+                                if r not in by_ratio
+                                else (_number(by_ratio[r].metrics.get(name)) if name else f"{by_ratio[r].params:,}")
+                                for r in self.ratios
+                            ],
+                        ]
+                    )
+                lines += _markdown_table(["method", *[f"{r:g} removed" for r in self.ratios]], cells)
+        show_beta = any(layer.beta is not None for layer in self.layers)
+        lines += ["", "## Layers", ""]
+        header = ["layer", "shape", "rank", "params before", "params after", "rel. error", "damping"]
+        lines += _markdown_table([*header, *(["beta"] if show_beta else []), "note"], self._layer_rows(show_beta))
+        if images:
+            lines += ["", "## Plots", ""] + [f"![{Path(image).stem}]({image})" for image in images]
+        return "\n".join(lines) + "\n"
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    def escape(cell: str) -> str:
+        return str(cell).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(escape(c) for c in row) + " |" for row in rows]

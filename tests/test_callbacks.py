@@ -184,7 +184,7 @@ def test_datamodule_calibration_loader_is_used(tmp_path):
     assert callback.report.calibration_samples == 8 * 16
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved["method"] == "svd_llm" and len(saved["layers"]) == 14
-    info = json.loads((tmp_path / "out" / "prehab_compression.json").read_text())
+    info = json.loads((tmp_path / "out" / "compressed" / "prehab_compression.json").read_text())
     assert info["ratio"] == 0.3 and info["lowrank_layers"]["model.layers.0.mlp.down_proj"]["rank"] == rank_from_ratio(
         32, 64, 0.3
     )
