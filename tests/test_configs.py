@@ -85,7 +85,7 @@ def test_config_runs_on_tiny_substitutes(path, tiny_assets, tmp_path, one_thread
     default logger on."""
     built = run_config(path, tiny_assets, tmp_path)
     trainer = built.trainer
-    assert trainer.global_step == 1
+    assert trainer.max_steps == 1 and trainer.global_step >= 1  # (a rehab callback may step on at fit end)
     assert trainer.logger is not None
     log_dir = Path(trainer.logger.log_dir)
     assert log_dir.is_relative_to(tmp_path) and (log_dir / "metrics.csv").is_file()
