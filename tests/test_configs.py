@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from config_runner import TinyAssets, run_config
+from tiny_text_assets import SHARED_DATA
 
 from prehab.callbacks import SVDLLM, LowRankCompression
 from prehab.cli import PrehabCLI, cli
@@ -78,6 +79,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data folder {SHARED_DATA} is absent")
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_config_runs_on_tiny_substitutes(path, tiny_assets, tmp_path, one_thread):
     """`prehab fit --config <shipped config>` with only paths and sizes substituted (see config_runner): one
