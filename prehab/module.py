@@ -175,7 +175,9 @@ class PrehabModule(LowRankCheckpointMixin, pl.LightningModule):
     Args:
         model: the backbone: a Hugging Face name or folder, ``"timm:<name>"`` (or any timm name with
             ``task="image_classification"``), ``"prehab:byte-llama"`` (a small config shipped with the package,
-            for the offline quickstart; use ``pretrained: false``), or an ``nn.Module``.
+            for the offline quickstart; use ``pretrained: false``), or an ``nn.Module``. A backbone built from a
+            name, or a Hugging Face model passed entirely in eval mode (as ``from_pretrained`` returns it), is put
+            in train mode (dropout on); any other module keeps the modes it was given.
         task: ``"causal_lm"``, ``"sequence_classification"``, ``"regression"`` or ``"image_classification"``;
             fixes the loss and the validation metrics.
         num_labels: classes for classification tasks.
@@ -183,7 +185,9 @@ class PrehabModule(LowRankCheckpointMixin, pl.LightningModule):
         model_kwargs: extra arguments for ``from_pretrained`` / ``AutoConfig`` / ``timm.create_model``.
         regularizer: ``"stable_rank"`` (randomized sketch), ``"nuclear"`` (exact), ``"tail"`` (energy past the
             target rank), or a callable ``R(A) -> scalar``.
-        lam: the penalty weight λ (0 = plain fine-tuning).
+        lam: the penalty weight λ (0 = plain fine-tuning). After surgery (a targeted layer replaced by a
+            ``LowRankLinear``), the penalty, the whitening and the stable-rank logs use the layer's effective
+            weight ``up @ down``, so training a compressed module again keeps preparing it for truncation.
         lam_warmup_steps: λ ramps linearly from 0 over this many steps.
         layer_weights: per-layer weights λ_ℓ, ``{regex: weight}`` searched in layer names (first match wins;
             default 1).
