@@ -178,7 +178,20 @@ class GLUE(SampledCalibrationMixin, pl.LightningDataModule):
         check_positive_int("calibration_samples", calibration_samples)
         check_loader_args(batch_size, num_workers, seed)
         self.task_dir = self._find_task_dir(dataset, GLUE_TASKS[task_key]) if looks_like_local_path(dataset) else None
-        self.save_hyperparameters(ignore=["tokenizer"])
+        # Saved as "glue_task": Lightning logs the module's and the datamodule's hparams together and refuses
+        # a key they share with different values, and PrehabModule's `task` is "sequence_classification".
+        self.save_hyperparameters(
+            {
+                "glue_task": task_key,
+                "dataset": dataset,
+                "max_length": max_length,
+                "calibration_samples": calibration_samples,
+                "batch_size": batch_size,
+                "num_workers": num_workers,
+                "pin_memory": pin_memory,
+                "seed": seed,
+            }
+        )
         self.task = task_key
         self.spec = GLUE_TASKS[task_key]
         self.tokenizer_arg = tokenizer

@@ -7,6 +7,7 @@ packages. Byte-level tokens (vocabulary 256) need no tokenizer. Real runs use ``
 from __future__ import annotations
 
 import ast
+import functools
 import sysconfig
 from pathlib import Path
 
@@ -19,6 +20,12 @@ __all__ = ["StdlibText", "stdlib_docstrings"]
 
 def stdlib_docstrings(min_chars: int = 200) -> list[str]:
     """Docstrings (at least ``min_chars`` long) of the running Python's top-level stdlib modules, in a fixed order."""
+    return list(_stdlib_docstrings(min_chars))
+
+
+@functools.lru_cache(maxsize=4)
+def _stdlib_docstrings(min_chars: int) -> tuple[str, ...]:
+    # Parsing the whole stdlib takes seconds: once per process (the text does not change while Python runs).
     docs: list[str] = []
     for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
         try:
@@ -30,7 +37,7 @@ def stdlib_docstrings(min_chars: int = 200) -> list[str]:
                 doc = ast.get_docstring(node)
                 if doc and len(doc) >= min_chars:
                     docs.append(doc)
-    return docs
+    return tuple(docs)
 
 
 class ByteWindows(Dataset):

@@ -11,16 +11,40 @@ from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from prehab.lowrank import dense_weight
+from prehab.lowrank import LowRankLinear, dense_weight
 from prehab.stats import CovarianceCollector, calibration_forward_context
 
-__all__ = ["CalibrationForwardError", "calibration_forward", "collect_input_covariances", "take_batches"]
+__all__ = [
+    "CalibrationForwardError",
+    "calibration_forward",
+    "collect_input_covariances",
+    "known_length",
+    "layer_weight",
+    "take_batches",
+]
 
 LABEL_KEYS = ("labels", "label", "targets", "target", "y")
 
 
 class CalibrationForwardError(TypeError):
     """The model could not be called on a calibration batch."""
+
+
+def known_length(loader: Iterable) -> int | None:
+    """``len(loader)``, or None when it is unknown (a DataLoader over an ``IterableDataset`` without
+    ``__len__`` raises TypeError; a generator has no ``len`` at all)."""
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def layer_weight(module: nn.Module) -> Tensor:
+    """The ``out x in`` weight of a targeted layer: a dense Linear/Conv1D's, or the product ``up @ down`` of a
+    ``LowRankLinear`` (a layer that was already compressed still has an input to calibrate and a weight)."""
+    if isinstance(module, LowRankLinear):
+        return module.weight
+    return dense_weight(module)
 
 
 def take_batches(loader: Iterable, num_batches: int, rank: int = 0, world_size: int = 1) -> Iterator[Any]:
@@ -78,11 +102,11 @@ def collect_input_covariances(
             f"calibration_batches={num_batches} is smaller than the {world_size} DDP ranks: every rank "
             "needs at least one batch. Raise calibration_batches."
         )
-    device = dense_weight(next(iter(targets.values()))).device
-    features = {name: dense_weight(m).shape[1] for name, m in targets.items()}
+    device = layer_weight(next(iter(targets.values()))).device
+    features = {name: layer_weight(m).shape[1] for name, m in targets.items()}
     collector = CovarianceCollector(targets, features, device=device)
-    available = min(num_batches, len(dataloader)) if hasattr(dataloader, "__len__") else None
-    total = None if available is None else len(range(rank, available, world_size))
+    length = known_length(dataloader)
+    total = None if length is None else len(range(rank, min(num_batches, length), world_size))
     batches = take_batches(dataloader, num_batches, rank, world_size)
     with calibration_forward_context(model), collector.hooks():
         for batch in tqdm(batches, desc=f"{desc}: calibrating", disable=not progress, unit="batch", total=total):

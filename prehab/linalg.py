@@ -27,6 +27,7 @@ __all__ = [
     "aces_surrogate",
     "LowRankFactors",
     "damped_cholesky",
+    "damping_schedule",
     "factor_params",
     "output_error",
     "rank_from_ratio",
@@ -60,6 +61,50 @@ class CholeskyResult:
     singular: bool  # True when the undamped matrix was not numerically positive definite
 
 
+MAX_DAMPING_TRIES = 100  # bounds the escalation of damped_cholesky (the default schedule takes 8 tries)
+
+
+def _check_damping_args(initial_damping: float, max_damping: float, growth: float, min_pivot: float) -> None:
+    """Reject arguments with which the damping escalation would not terminate or would make no sense."""
+
+    def real(value: object) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+    for name, value in (("initial_damping", initial_damping), ("max_damping", max_damping)):
+        if not real(value) or value <= 0:
+            raise ValueError(
+                f"{name}={value!r} is invalid: use a finite relative damping > 0 (x trace/n), e.g. 1e-6; "
+                "0 or a negative value would never make a singular covariance positive definite."
+            )
+    if not real(growth) or growth <= 1:
+        raise ValueError(
+            f"growth={growth!r} is invalid: the damping escalates by this factor; use a number > 1, e.g. 10."
+        )
+    if not real(min_pivot) or min_pivot < 0:
+        raise ValueError(f"min_pivot={min_pivot!r} is invalid: use a finite number >= 0, e.g. 1e-12.")
+
+
+def damping_schedule(initial_damping: float, max_damping: float, growth: float) -> list[float]:
+    """Relative dampings tried, in order: 0 (none), then ``initial_damping · growthᵏ`` up to ``max_damping``.
+
+    Finite by construction (``growth > 1``, both ends positive); an ``initial_damping`` above
+    ``max_damping`` is tried once.
+    """
+    _check_damping_args(initial_damping, max_damping, growth, 0.0)
+    tries = math.log(max(max_damping / initial_damping, 1.0)) / math.log(growth)
+    if tries > MAX_DAMPING_TRIES:
+        raise ValueError(
+            f"growth={growth!r} is invalid: escalating from initial_damping={initial_damping!r} to "
+            f"max_damping={max_damping!r} would take {tries:.0f} Cholesky attempts (at most {MAX_DAMPING_TRIES}); "
+            "use a larger growth, e.g. 10."
+        )
+    schedule = [0.0, float(initial_damping)]
+    # Bounded: growth > 1 reaches max_damping in log(max / initial) / log(growth) steps.
+    while schedule[-1] * growth <= max_damping:
+        schedule.append(schedule[-1] * growth)
+    return schedule
+
+
 def damped_cholesky(
     matrix: Tensor,
     initial_damping: float = 1e-6,
@@ -71,29 +116,36 @@ def damped_cholesky(
 
     The matrix is factored as-is first. If that fails, or a pivot is below ``min_pivot · trace/n``
     (a singular matrix can pass Cholesky with tiny round-off pivots, which would blow up ``L⁻¹``),
-    ``δ · trace/n`` is added to the diagonal with ``δ = initial_damping`` escalated by ``growth``.
-    Always works in float64.
+    ``δ · trace/n`` is added to the diagonal with ``δ = initial_damping`` escalated by ``growth`` up to
+    ``max_damping`` (:func:`damping_schedule`: a bounded number of tries). Always works in float64.
+
+    Args:
+        matrix: symmetric PSD ``n x n`` matrix (a covariance).
+        initial_damping: first relative damping tried, > 0.
+        max_damping: largest relative damping tried, > 0.
+        growth: escalation factor, > 1.
+        min_pivot: smallest accepted squared pivot, relative to ``trace/n``.
 
     Raises:
-        ValueError: if the matrix has NaN/Inf entries or no damping up to ``max_damping`` works.
+        ValueError: if an argument is out of range, the matrix has NaN/Inf entries, or no damping up to
+            ``max_damping`` works.
     """
+    _check_damping_args(initial_damping, max_damping, growth, min_pivot)
     matrix = matrix.to(torch.float64)
     n = matrix.shape[-1]
     if not torch.isfinite(matrix).all():
         raise ValueError("covariance has NaN or Inf entries; cannot factor it.")
     scale = float(torch.diagonal(matrix).sum()) / n
-    if scale <= 0.0:  # all-zero inputs: any whitening is optimal, take the identity
-        eye = torch.eye(n, dtype=torch.float64, device=matrix.device)
-        return CholeskyResult(eye, damping=1.0, relative_damping=float("inf"), singular=True)
     eye = torch.eye(n, dtype=torch.float64, device=matrix.device)
-    relative = 0.0
-    while relative <= max_damping:
+    if scale <= 0.0:  # all-zero inputs: any whitening is optimal, take the identity
+        return CholeskyResult(eye, damping=1.0, relative_damping=float("inf"), singular=True)
+    schedule = damping_schedule(initial_damping, max_damping, growth)
+    for relative in schedule:
         factor, info = torch.linalg.cholesky_ex(matrix + (relative * scale) * eye if relative else matrix)
         if int(info) == 0 and float(torch.diagonal(factor).min()) ** 2 >= min_pivot * scale:
             return CholeskyResult(factor, relative * scale, relative, singular=relative > 0.0)
-        relative = initial_damping if relative == 0.0 else relative * growth
     raise ValueError(
-        f"covariance is not positive definite even with damping {max_damping} x trace/n; "
+        f"covariance is not positive definite even with damping {schedule[-1]:g} x trace/n; "
         "the calibration inputs are degenerate (check for constant or all-zero activations)."
     )
 
@@ -220,12 +272,19 @@ class AcesChoice:
 
 
 def aces_surrogate(beta: Tensor | float, coefficients: tuple[float, ...], objective: str = "ratio") -> Tensor | float:
-    """Fixed-subspace first-order tail ratio ``(a + 2bβ + cβ²)/(A + 2Bβ + Cβ²)`` (or the tail energy)."""
+    """Fixed-subspace first-order tail ratio ``(a + 2bβ + cβ²)/(A + 2Bβ + Cβ²)`` (or the tail energy).
+
+    Where the total energy ``A + 2Bβ + Cβ²`` (``‖S + βD‖²``) is zero, e.g. for an all-zero weight, the tail
+    (a projection of the same matrix) is zero too and the ratio is defined as 0: nothing can be lost.
+    """
     a, b, c, big_a, big_b, big_c = coefficients
     tail = a + 2 * b * beta + c * beta * beta
     if objective == "energy":
         return tail
-    return tail / (big_a + 2 * big_b * beta + big_c * beta * beta)
+    total = big_a + 2 * big_b * beta + big_c * beta * beta
+    if isinstance(total, Tensor):
+        return torch.where(total > 0, tail / torch.where(total > 0, total, torch.ones_like(total)), 0.0)
+    return tail / total if total > 0 else 0.0
 
 
 def aces_beta(
@@ -247,7 +306,11 @@ def aces_beta(
     ``‖P_L (S + βD) P_R‖²``; its ratio to ``‖S + βD‖²`` is stationary at the roots of
     ``(cB − bC)β² + (cA − aC)β + (bA − aB)``. Candidates are those roots and the interval ends (ratio),
     or ``−b/c`` (energy); each is clipped to ``[beta_min, beta_max]``, capped at ``beta_cap`` and
-    multiplied by ``shrink`` (the guardrails of appendix A.11), and the best-scoring one wins.
+    multiplied by ``shrink`` (the guardrails of appendix A.11), and the best-scoring one wins (ties: the
+    smallest β).
+
+    A layer whose ``S`` and ``D`` are both zero (an all-zero weight, or all-zero inputs) has no tail to
+    minimize: every score is 0 and β is ``beta_min`` (after the guardrails); the solve then gives zero factors.
     """
     w = weight.to(torch.float64)
     chol = cholesky or damped_cholesky(whitening)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,12 @@ import torchmetrics
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
-from prehab.calibration import collect_input_covariances
-from prehab.evaluation import TokenPerplexity, evaluating
+from prehab.calibration import collect_input_covariances, layer_weight
+from prehab.evaluation import TokenPerplexity, causal_lm_labels, evaluating
 from prehab.linalg import damped_cholesky, rank_from_ratio
-from prehab.lowrank import LowRankCheckpointMixin, dense_weight
+from prehab.lowrank import LowRankCheckpointMixin
 from prehab.regularizers import get_regularizer, stable_rank_exact
 from prehab.targets import resolve_targets
 
@@ -45,6 +46,105 @@ def resolve_model_path(model: str) -> str:
             )
         return str(folder)
     return model
+
+
+def _is_real(value: Any) -> bool:
+    """A finite int or float (not a bool, not NaN/Inf)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_count(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _check_arguments(
+    model: Any,
+    task: Any,
+    num_labels: Any,
+    pretrained: Any,
+    model_kwargs: Any,
+    lam: Any,
+    lam_warmup_steps: Any,
+    layer_weights: Any,
+    targets: Any,
+    tail_ratio: Any,
+    calibration_batches: Any,
+    whitening_refresh_every: Any,
+    penalty_fraction: Any,
+    damping: Any,
+    lr: Any,
+) -> None:
+    """Every ``PrehabModule`` argument that can be checked before the backbone is built."""
+    if not (isinstance(model, nn.Module) or (isinstance(model, str) and model.strip())):
+        raise ValueError(
+            f"model={model!r} is invalid: pass a Hugging Face model name or folder, 'timm:<name>', "
+            "'prehab:byte-llama', or an nn.Module instance."
+        )
+    if task not in TASKS:
+        raise ValueError(f"task={task!r} is invalid; valid values: {', '.join(map(repr, TASKS))}.")
+    if num_labels is not None:
+        if not _is_count(num_labels, 1):
+            raise ValueError(f"num_labels={num_labels!r} is invalid: use a positive integer (the number of classes).")
+        if task in ("sequence_classification", "image_classification") and num_labels < 2:
+            raise ValueError(
+                f"num_labels={num_labels!r} is invalid for task={task!r}: a classifier needs at least 2 classes "
+                "(use task='regression' for a single score)."
+            )
+        if task == "regression" and num_labels != 1:
+            raise ValueError(f"num_labels={num_labels!r} is invalid for task='regression': use 1 (or leave it unset).")
+    if task in ("sequence_classification", "image_classification") and num_labels is None and isinstance(model, str):
+        raise ValueError(f"num_labels is required for task={task!r} (e.g. num_labels=2).")
+    if not isinstance(pretrained, bool):
+        raise ValueError(f"pretrained={pretrained!r} is invalid: use true or false.")
+    if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
+        raise ValueError(f"model_kwargs={model_kwargs!r} is invalid: use a dict of keyword arguments or None.")
+    if not _is_real(lam) or lam < 0:
+        raise ValueError(
+            f"lam={lam!r} is invalid: the penalty weight must be a finite number >= 0 (0 = plain fine-tuning)."
+        )
+    for name, value in (("lam_warmup_steps", lam_warmup_steps), ("whitening_refresh_every", whitening_refresh_every)):
+        if not _is_count(value, 0):
+            raise ValueError(f"{name}={value!r} is invalid: use an integer >= 0.")
+    if layer_weights is not None:
+        if not isinstance(layer_weights, Mapping):
+            raise ValueError(
+                f"layer_weights={layer_weights!r} is invalid: use a dict {{regex: weight}}, e.g. {{'mlp': 2.0}}."
+            )
+        for pattern, weight in layer_weights.items():
+            if not isinstance(pattern, str):
+                raise ValueError(f"layer_weights key {pattern!r} is invalid: keys are regexes (strings).")
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"layer_weights key {pattern!r} is not a valid regex ({err}).") from err
+            if not _is_real(weight) or weight < 0:
+                raise ValueError(
+                    f"layer_weights[{pattern!r}]={weight!r} is invalid: weights must be finite numbers >= 0."
+                )
+    if targets is not None and not (
+        isinstance(targets, str) or (isinstance(targets, Sequence) and all(isinstance(t, str) for t in targets))
+    ):
+        raise ValueError(f"targets={targets!r} is invalid: use a regex string, a list of them, or None.")
+    if tail_ratio is not None and not (_is_real(tail_ratio) and 0 < tail_ratio < 1):
+        raise ValueError(f"tail_ratio={tail_ratio!r} is invalid: use a fraction in (0, 1) or None.")
+    if not _is_count(calibration_batches, 1):
+        raise ValueError(f"calibration_batches={calibration_batches!r} is invalid: use an integer >= 1.")
+    if not (_is_real(penalty_fraction) and 0 < penalty_fraction <= 1):
+        raise ValueError(f"penalty_fraction={penalty_fraction!r} is invalid: use a fraction in (0, 1].")
+    if not (_is_real(damping) and damping > 0):
+        raise ValueError(
+            f"damping={damping!r} is invalid: use a small positive number such as 1e-6 (the first relative damping "
+            "of a singular covariance; 0 or less never makes it positive definite)."
+        )
+    if not (_is_real(lr) and lr > 0):
+        raise ValueError(f"lr={lr!r} is invalid: use a positive learning rate such as 5e-5.")
+
+
+def _from_pretrained_default(model: nn.Module) -> bool:
+    """A Hugging Face model entirely in eval mode: the state ``from_pretrained`` returns, not a user's choice."""
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel) and not any(m.training for m in model.modules())
 
 
 def _build_backbone(
@@ -75,7 +175,9 @@ class PrehabModule(LowRankCheckpointMixin, pl.LightningModule):
     Args:
         model: the backbone: a Hugging Face name or folder, ``"timm:<name>"`` (or any timm name with
             ``task="image_classification"``), ``"prehab:byte-llama"`` (a small config shipped with the package,
-            for the offline quickstart; use ``pretrained: false``), or an ``nn.Module``.
+            for the offline quickstart; use ``pretrained: false``), or an ``nn.Module``. A backbone built from a
+            name, or a Hugging Face model passed entirely in eval mode (as ``from_pretrained`` returns it), is put
+            in train mode (dropout on); any other module keeps the modes it was given.
         task: ``"causal_lm"``, ``"sequence_classification"``, ``"regression"`` or ``"image_classification"``;
             fixes the loss and the validation metrics.
         num_labels: classes for classification tasks.
@@ -83,7 +185,9 @@ class PrehabModule(LowRankCheckpointMixin, pl.LightningModule):
         model_kwargs: extra arguments for ``from_pretrained`` / ``AutoConfig`` / ``timm.create_model``.
         regularizer: ``"stable_rank"`` (randomized sketch), ``"nuclear"`` (exact), ``"tail"`` (energy past the
             target rank), or a callable ``R(A) -> scalar``.
-        lam: the penalty weight λ (0 = plain fine-tuning).
+        lam: the penalty weight λ (0 = plain fine-tuning). After surgery (a targeted layer replaced by a
+            ``LowRankLinear``), the penalty, the whitening and the stable-rank logs use the layer's effective
+            weight ``up @ down``, so training a compressed module again keeps preparing it for truncation.
         lam_warmup_steps: λ ramps linearly from 0 over this many steps.
         layer_weights: per-layer weights λ_ℓ, ``{regex: weight}`` searched in layer names (first match wins;
             default 1).
@@ -122,29 +226,24 @@ class PrehabModule(LowRankCheckpointMixin, pl.LightningModule):
         scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        if task not in TASKS:
-            raise ValueError(f"task={task!r} is invalid; valid values: {', '.join(map(repr, TASKS))}.")
+        _check_arguments(
+            model,
+            task,
+            num_labels,
+            pretrained,
+            model_kwargs,
+            lam,
+            lam_warmup_steps,
+            layer_weights,
+            targets,
+            tail_ratio,
+            calibration_batches,
+            whitening_refresh_every,
+            penalty_fraction,
+            damping,
+            lr,
+        )
         self.penalty_fn = get_regularizer(regularizer)  # raises with the valid names
-        if not isinstance(lam, int | float) or lam < 0:
-            raise ValueError(f"lam={lam!r} is invalid: the penalty weight must be >= 0 (0 = plain fine-tuning).")
-        for name, value in (
-            ("lam_warmup_steps", lam_warmup_steps),
-            ("whitening_refresh_every", whitening_refresh_every),
-        ):
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name}={value!r} is invalid: use an integer >= 0.")
-        if not isinstance(calibration_batches, int) or calibration_batches < 1:
-            raise ValueError(f"calibration_batches={calibration_batches!r} is invalid: use an integer >= 1.")
-        if not isinstance(penalty_fraction, int | float) or not 0 < penalty_fraction <= 1:
-            raise ValueError(f"penalty_fraction={penalty_fraction!r} is invalid: use a fraction in (0, 1].")
-        if tail_ratio is not None and not 0 < tail_ratio < 1:
-            raise ValueError(f"tail_ratio={tail_ratio!r} is invalid: use a fraction in (0, 1) or None.")
-        if (
-            task in ("sequence_classification", "image_classification")
-            and num_labels is None
-            and not isinstance(model, nn.Module)
-        ):
-            raise ValueError(f"num_labels is required for task={task!r} (e.g. num_labels=2).")
         self.save_hyperparameters(
             ignore=["model", "optimizer", "scheduler"] if isinstance(model, nn.Module) else ["optimizer", "scheduler"]
         )
@@ -158,19 +257,23 @@ class PrehabModule(LowRankCheckpointMixin, pl.LightningModule):
         )
         self.lr, self.optimizer_factory, self.scheduler_factory = lr, optimizer, scheduler
         self.model = _build_backbone(model, task, num_labels, pretrained, dict(model_kwargs or {}))
+        if not isinstance(model, nn.Module) or _from_pretrained_default(self.model):
+            # Hugging Face's from_pretrained returns eval mode (dropout off) and Lightning keeps module modes:
+            # prehab is training, so train like the model was trained. A module given in a mode of the user's
+            # choosing (e.g. frozen norm layers) keeps it.
+            self.model.train()
         # Validate targets now, before any training: names relative to the backbone.
         self.target_names = list(resolve_targets(self.model, targets))
         self.layer_weights = self._layer_weights(layer_weights or {})
         self.whitening = nn.Module()  # buffers "<layer name with __>" = lower Cholesky factors
         self.val_metrics = self._metrics(num_labels)
+        self._extra_val_metrics: dict[int, torchmetrics.MetricCollection] = {}  # further validation dataloaders
         self.stage_metrics: dict[str, dict[str, float]] = {}  # "before_prehab" -> validation metrics
 
     # ------------------------------------------------------------------ setup
-    def _layer_weights(self, patterns: dict[str, float]) -> dict[str, float]:
-        compiled = [(re.compile(p), float(w)) for p, w in patterns.items()]
-        for pattern, weight in compiled:
-            if weight < 0:
-                raise ValueError(f"layer_weights[{pattern.pattern!r}]={weight} is invalid: weights must be >= 0.")
+    def _layer_weights(self, patterns: Mapping[str, float]) -> dict[str, float]:
+        compiled = [(re.compile(p), float(w)) for p, w in patterns.items()]  # values checked in __init__
+        for pattern, _ in compiled:
             if not any(pattern.search(n) for n in self.target_names):
                 raise ValueError(
                     f"layer_weights: pattern {pattern.pattern!r} matches no targeted layer "
@@ -251,21 +354,35 @@ class PrehabModule(LowRankCheckpointMixin, pl.LightningModule):
             if name not in covariances:
                 raise ValueError(f"targeted layer {name!r} received no input on the calibration data.")
             factor = damped_cholesky(covariances[name], initial_damping=self.damping).factor
-            self.whitening.register_buffer(self._buffer_name(name), factor.to(dense_weight(targets[name]).dtype))
+            self.whitening.register_buffer(self._buffer_name(name), factor.to(layer_weight(targets[name]).dtype))
 
     # ------------------------------------------------------------------ the loss
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 
     def calibration_step(self, batch: Any) -> Any:
-        return self.model(**_model_inputs(batch)) if isinstance(batch, dict) else self.model(batch[0])
+        if isinstance(batch, Mapping):  # dicts and transformers' BatchEncoding (a UserDict)
+            return self.model(**_model_inputs(batch))
+        return self.model(batch) if isinstance(batch, Tensor) else self.model(batch[0])
 
-    def task_loss(self, batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(loss, predictions or logits, targets)."""
+    def task_loss(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
+        """(loss, predictions or logits, targets).
+
+        Causal LM: the targets are the batch's ``labels``, else its ``input_ids`` with padding
+        (``attention_mask == 0``) set to -100, so padded positions count neither in the loss nor in the perplexity.
+        """
         if self.task == "causal_lm":
-            out = self.model(**_model_inputs(batch), labels=batch.get("labels", batch["input_ids"]))
-            return out.loss, out.logits, None
-        if isinstance(batch, dict):
+            if isinstance(batch, Tensor):
+                batch = {"input_ids": batch}
+            if not isinstance(batch, Mapping):
+                raise TypeError(
+                    f"a causal_lm batch must be a dict with input_ids (and attention_mask, labels) or a tensor of "
+                    f"token ids; got {type(batch).__name__}."
+                )
+            labels = causal_lm_labels(batch)
+            out = self.model(**_model_inputs(batch), labels=labels)
+            return out.loss, out.logits, labels
+        if isinstance(batch, Mapping):
             labels = batch["labels"] if "labels" in batch else batch["label"]
             logits = self.model(**_model_inputs(batch)).logits
         else:
@@ -314,7 +431,7 @@ class PrehabModule(LowRankCheckpointMixin, pl.LightningModule):
         total = torch.zeros((), device=self.device)
         values = []
         for name in names:
-            weight = dense_weight(self.model.get_submodule(name))
+            weight = layer_weight(self.model.get_submodule(name))  # up @ down after surgery
             whitened = weight @ self.whitening_factor(name)
             if self.regularizer_name == "tail":
                 value = self.penalty_fn(whitened, self._tail_rank(*weight.shape))
@@ -347,10 +464,11 @@ class PrehabModule(LowRankCheckpointMixin, pl.LightningModule):
 
     @torch.no_grad()
     def whitened_stable_ranks(self) -> list[float]:
-        """Exact stable rank ‖WL‖_*²/‖WL‖_F² of every targeted layer (raw W when not whitened yet)."""
+        """Exact stable rank ‖WL‖_*²/‖WL‖_F² of every targeted layer (raw W when not whitened yet; ``W = up @ down``
+        for a layer already compressed)."""
         values = []
         for name in self.target_names:
-            weight = dense_weight(self.model.get_submodule(name)).float()
+            weight = layer_weight(self.model.get_submodule(name)).float()
             factor = self.whitening_factor(name)
             values.append(float(stable_rank_exact(weight @ factor if factor is not None else weight)))
         return values
@@ -365,31 +483,48 @@ class PrehabModule(LowRankCheckpointMixin, pl.LightningModule):
                 }
             )
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
+    def _loader_metrics(self, dataloader_idx: int) -> torchmetrics.MetricCollection:
+        """The validation metrics of one validation dataloader (GLUE MNLI has two: matched, mismatched)."""
+        if dataloader_idx == 0:
+            return self.val_metrics
+        if dataloader_idx not in self._extra_val_metrics:
+            self._extra_val_metrics[dataloader_idx] = self.val_metrics.clone()
+            self._extra_val_metrics[dataloader_idx].reset()
+        return self._extra_val_metrics[dataloader_idx].to(self.device)
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         loss, logits, labels = self.task_loss(batch)
         self.log("val/loss", loss, sync_dist=True)
-        if self.task == "causal_lm":
-            self.val_metrics["perplexity"].update(logits, batch.get("labels", batch["input_ids"]))
-        else:
-            self.val_metrics.update(logits, labels)
+        self._loader_metrics(dataloader_idx).update(logits, labels)
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict({f"val/{k}": v for k, v in self.val_metrics.compute().items()}, prog_bar=True)
         self.val_metrics.reset()
+        for index, metrics in sorted(self._extra_val_metrics.items()):
+            values = {f"val/{k}/dataloader_idx_{index}": v for k, v in metrics.compute().items()}
+            self.log_dict(values, add_dataloader_idx=False)
+            metrics.reset()
 
     @torch.no_grad()
-    def evaluate(self, dataloader: Iterable) -> dict[str, float]:
-        """The validation metrics on ``dataloader`` outside a Trainer loop (used to report before/after surgery)."""
+    def evaluate(self, dataloader: Iterable | Sequence[DataLoader]) -> dict[str, float]:
+        """The validation metrics on ``dataloader`` outside a Trainer loop (used to report before/after surgery).
+
+        A list of DataLoaders (GLUE MNLI's matched and mismatched dev sets) gives the first one's metrics under
+        their names and the others' with ``/dataloader_idx_<i>`` appended, as Lightning names them.
+        """
+        if isinstance(dataloader, list | tuple) and dataloader and all(isinstance(d, DataLoader) for d in dataloader):
+            results: dict[str, float] = {}
+            for index, loader in enumerate(dataloader):
+                suffix = f"/dataloader_idx_{index}" if index else ""
+                results.update({f"{k}{suffix}": v for k, v in self.evaluate(loader).items()})
+            return results
         metrics = self.val_metrics.clone()
         metrics.reset()
         with evaluating(self):  # no_grad + eval; every submodule gets its own mode back
             for batch in dataloader:
                 batch = move_data_to_device(batch, self.device)
                 _, logits, labels = self.task_loss(batch)
-                if self.task == "causal_lm":
-                    metrics["perplexity"].update(logits, batch.get("labels", batch["input_ids"]))
-                else:
-                    metrics.update(logits, labels)
+                metrics.update(logits, labels)
         return {k: float(v) for k, v in metrics.compute().items()}
 
     def configure_optimizers(self) -> Any:
@@ -408,5 +543,5 @@ class PrehabModule(LowRankCheckpointMixin, pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def _model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+def _model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in batch.items() if k not in ("labels", "label")}

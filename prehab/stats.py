@@ -17,16 +17,51 @@ __all__ = [
     "RunningCovariance",
     "all_reduce_sum_",
     "calibration_forward_context",
+    "gram_product",
     "input_hooks",
 ]
+
+
+def gram_product(a: Tensor, b: Tensor | None = None, where: str = "") -> Tensor:
+    """``aᵀb`` (``aᵀa`` when ``b`` is None) of row-major activations ``(rows, features)``.
+
+    Computed in float32 (cheap); when that overflows although the activations are finite (magnitudes
+    above ~1e19 square past float32's 3.4e38), it is recomputed in float64. Non-finite activations give a
+    non-finite product, which the callers report as such.
+
+    Args:
+        a: ``(rows, features_a)`` activations.
+        b: ``(rows, features_b)`` activations, or None for ``a`` itself.
+        where: the layer, for the error message.
+
+    Raises:
+        OverflowError: the activations are finite but overflow even a float64 product (magnitudes ~1e154).
+    """
+    narrow = a.float()
+    product = narrow.mT @ (narrow if b is None else b.float())
+    if bool(torch.isfinite(product).all()):
+        return product
+    inputs = (a,) if b is None else (a, b)
+    if not all(bool(torch.isfinite(x).all()) for x in inputs):
+        return product  # genuinely non-finite activations
+    wide = a.double()
+    product = wide.mT @ (wide if b is None else b.double())
+    if not bool(torch.isfinite(product).all()):
+        peak = max(float(x.abs().max()) for x in inputs)
+        raise OverflowError(
+            f"activations of magnitude ~{peak:.1e}{f' in layer {where!r}' if where else ''} overflow even a float64 "
+            "covariance; rescale the model's activations (they are finite, but too large to accumulate)."
+        )
+    return product
 
 
 class RunningCovariance:
     """Running ``Σ aᵀb`` over rows of activations (``aᵀa`` when ``b`` is omitted) with a row count.
 
-    Each batch's product is computed in float32 (cheap) and added to a float64 sum (exact enough
-    over many batches). ``mean()`` divides by the count; solvers are invariant to that scale, but
-    it keeps numbers comparable across calibration sizes.
+    Each batch's product is computed in float32 (cheap; in float64 when float32 would overflow, see
+    :func:`gram_product`) and added to a float64 sum (exact enough over many batches). ``mean()`` divides
+    by the count; solvers are invariant to that scale, but it keeps numbers comparable across calibration
+    sizes.
     """
 
     def __init__(self, rows: int, cols: int | None = None, device: torch.device | str | None = None) -> None:
@@ -35,11 +70,11 @@ class RunningCovariance:
 
     def update(self, a: Tensor, b: Tensor | None = None) -> None:
         """Add a batch. ``a``, ``b``: (..., features); leading dims are samples (tokens, patches)."""
-        a2 = a.reshape(-1, a.shape[-1]).float()
-        b2 = a2 if b is None else b.reshape(-1, b.shape[-1]).float()
-        if b2.shape[0] != a2.shape[0]:
+        a2 = a.reshape(-1, a.shape[-1])
+        b2 = None if b is None else b.reshape(-1, b.shape[-1])
+        if b2 is not None and b2.shape[0] != a2.shape[0]:
             raise ValueError(f"streams have {a2.shape[0]} and {b2.shape[0]} rows; they must be paired.")
-        self.add_(a2.mT @ b2, a2.shape[0])
+        self.add_(gram_product(a2, b2), a2.shape[0])
 
     def add_(self, product: Tensor, count: int) -> None:
         """Add a precomputed ``aᵀb`` for ``count`` rows (lets modules fed the same input share it)."""
@@ -107,8 +142,8 @@ class CovarianceCollector:
             if self.stats[name] is not self.stats[self._last_owner]:
                 self.stats[name].add_(self._last_product, rows)
             return
-        flat = x.detach().reshape(-1, x.shape[-1]).float()
-        self._last_input, self._last_product, self._last_owner = x, flat.mT @ flat, name
+        flat = x.detach().reshape(-1, x.shape[-1])
+        self._last_input, self._last_product, self._last_owner = x, gram_product(flat, where=name), name
         if name not in self.stats:
             self.stats[name] = RunningCovariance(self.features[name], device=self.device)
         self.stats[name].add_(self._last_product, rows)

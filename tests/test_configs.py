@@ -1,10 +1,13 @@
-"""Every shipped YAML parses with the `prehab` CLI; the offline quickstart also instantiates."""
+"""Every shipped YAML parses with the `prehab` CLI, and runs (one step, then its callbacks) on tiny substitutes."""
 
 from pathlib import Path
 
 import pytest
+import torch
+from config_runner import TinyAssets, run_config
+from tiny_text_assets import SHARED_DATA
 
-from prehab.callbacks import SVDLLM
+from prehab.callbacks import SVDLLM, LowRankCompression
 from prehab.cli import PrehabCLI, cli
 from prehab.datamodules import StdlibText
 from prehab.module import PrehabModule
@@ -60,3 +63,40 @@ def test_cli_rejects_bad_values_with_the_argument_name():
             ["--config", str(next(p for p in CONFIGS if p.stem == "quickstart")), "--model.regularizer", "rank"],
             run=False,
         )
+
+
+@pytest.fixture(scope="module")
+def tiny_assets(tmp_path_factory):
+    return TinyAssets(tmp_path_factory.mktemp("tiny-assets"))
+
+
+@pytest.fixture
+def one_thread():
+    # The substitutes are tiny: thread start-up costs more than it saves (and much more on a shared CPU).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data folder {SHARED_DATA} is absent")
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_runs_on_tiny_substitutes(path, tiny_assets, tmp_path, one_thread):
+    """`prehab fit --config <shipped config>` with only paths and sizes substituted (see config_runner): one
+    training step, validation, the callbacks at fit end, files written, and the config's own or Lightning's
+    default logger on."""
+    built = run_config(path, tiny_assets, tmp_path)
+    trainer = built.trainer
+    assert trainer.max_steps == 1 and trainer.global_step >= 1  # (a rehab callback may step on at fit end)
+    assert trainer.logger is not None
+    log_dir = Path(trainer.logger.log_dir)
+    assert log_dir.is_relative_to(tmp_path) and (log_dir / "metrics.csv").is_file()
+    compression = [c for c in trainer.callbacks if isinstance(c, LowRankCompression)]
+    assert compression, "every shipped config compresses at fit end"
+    for callback in compression:
+        totals = callback.report.totals()
+        assert totals["layers_compressed"] > 0 and totals["model_params_after"] < totals["model_params_before"]
+        assert {"before_prehab", "dense", callback.method} <= set(callback.report.metrics)
+        if callback.save_dir is not None:
+            assert Path(callback.save_dir).is_relative_to(tmp_path)
+            assert (Path(callback.save_dir) / "report.json").is_file()
