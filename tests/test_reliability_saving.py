@@ -16,7 +16,7 @@ import sys
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import VOCAB, TinyModule, fast_trainer, loader_for, tiny_gpt2, tiny_llama
+from conftest import VOCAB, TinyModule, fast_trainer, loader_for, tiny_gpt2, tiny_llama, tiny_vit
 from torch import nn
 
 import prehab
@@ -206,6 +206,18 @@ def test_prehab_module_saves_its_hugging_face_model_without_its_buffers(tmp_path
     torch.testing.assert_close(logits(load_compressed(tmp_path / "out")), logits(module.model), rtol=0, atol=0)
 
 
+def test_prehab_module_with_a_timm_backbone_saves_the_timm_model(tmp_path):
+    module = compress(PrehabModule(model=tiny_vit(), task="image_classification", num_labels=5, lam=0), r"blocks")
+    module.whitening.register_buffer("blocks__0__mlp__fc1", torch.eye(48))
+    save_compressed(module, tmp_path / "vit")
+    info = json.loads((tmp_path / "vit" / "prehab_compression.json").read_text())
+    assert info["library"] == "torch" and info["model_class"].startswith("timm.") and info["saved_from"] == "model"
+    loaded = load_compressed(tmp_path / "vit", model=tiny_vit())  # a bare timm model, as the README says
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), module.model.eval()(x), rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------ 11: dtype, all-or-nothing, from_pretrained
 def test_bfloat16_model_reloads_in_bfloat16(tmp_path):
     model = compressed_llama().to(torch.bfloat16)
@@ -320,6 +332,16 @@ def test_a_model_of_another_class_is_refused_by_name(llama_folder):
     with pytest.raises(CompressedFolderError, match=r"holds a .*LlamaForCausalLM, but model= is a .*GPT2LMHeadModel"):
         load_compressed(llama_folder[0], model=model)
     assert_unchanged(model, before)
+
+
+def test_folders_in_the_first_format_still_load(llama_folder, folder_copy):
+    """Before format_version 2: model.safetensors, a plain config.json, no dtype fields."""
+    (folder_copy / "prehab_model.safetensors").rename(folder_copy / "model.safetensors")
+    config = json.loads((folder_copy / "config.json").read_text())
+    config["model_type"] = config.pop("prehab_base_model_type")
+    (folder_copy / "config.json").write_text(json.dumps(config))
+    edit_info(folder_copy, lambda info: [info.pop(k) for k in ("format_version", "weights", "dtype", "dtypes")])
+    torch.testing.assert_close(logits(load_compressed(folder_copy)), llama_folder[1], rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------ 21: untrusted folders
