@@ -1,6 +1,7 @@
 """prehab: prepare, compress and recover transformers with low-rank (SVD) factorization."""
 
 from prehab.lowrank import (
+    CompressedFolderError,
     LowRankCheckpointMixin,
     LowRankLinear,
     load_compressed,
@@ -13,6 +14,7 @@ from prehab.report import CompressionReport, LayerReport
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompressedFolderError",
     "CompressionReport",
     "LayerReport",
     "LowRankCheckpointMixin",

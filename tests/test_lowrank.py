@@ -34,7 +34,7 @@ def test_save_then_load_compressed_gives_identical_outputs(kind, tmp_path):
     module = TinyModule(kind)
     SVDLLM(ratio=0.4, calibration_batches=2).compress(module, loader_for(kind), progress=False)
     folder = save_compressed(module, tmp_path / kind, metadata={"method": "svd_llm", "ratio": 0.4})
-    assert {"config.json", "model.safetensors", "prehab_compression.json"} <= {p.name for p in folder.iterdir()}
+    assert {"config.json", "prehab_model.safetensors", "prehab_compression.json"} <= {p.name for p in folder.iterdir()}
     info = json.loads((folder / "prehab_compression.json").read_text())
     assert info["method"] == "svd_llm" and info["library"] == "transformers"
     assert all(name.startswith(("model.layers", "transformer.h", "bert.encoder")) for name in info["lowrank_layers"])
