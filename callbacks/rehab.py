@@ -44,7 +44,8 @@ class LoRARehab(Callback):
     without merging (the model is as the previous factor left it).
 
     The loss is the module's own ``training_step`` (its ``self.log`` calls are recorded and forwarded to the
-    Trainer's logger under ``rehab/``), on the fit's training data, or on ``dataloader=`` / ``datamodule=`` when
+    Trainer's logger under ``rehab/``), or its ``rehab_step(batch, batch_idx)`` when it defines one
+    (``PrehabModule`` does: the task loss without the penalty), on the fit's training data, or on ``dataloader=`` / ``datamodule=`` when
     given (e.g. ``Alpaca`` for LLMs). Honoured from the Trainer: ``accumulate_grad_batches``,
     ``gradient_clip_val``/``gradient_clip_algorithm``, the precision plugin's autocast (``16-mixed`` and
     ``bf16-mixed``, with its gradient scaler), the device and DDP. Not used: the module's
@@ -229,6 +230,7 @@ class LoRARehab(Callback):
             unit="step",
         )
         log_every = max(1, trainer.log_every_n_steps or 50)
+        training_step = getattr(pl_module, "rehab_step", None) or pl_module.training_step
         with captured_logs(pl_module) as recorder:
             for step in bar:
                 total = 0.0
@@ -236,7 +238,7 @@ class LoRARehab(Callback):
                     batch = trainer.strategy.batch_to_device(next(batches))
                     recorder.observe(batch)
                     with precision.train_step_context():
-                        loss = step_loss(pl_module.training_step(batch, step * accumulate + micro))
+                        loss = step_loss(training_step(batch, step * accumulate + micro))
                     if loss is None:  # the step skipped this batch, as Lightning allows
                         continue
                     if not torch.isfinite(loss):

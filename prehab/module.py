@@ -462,6 +462,16 @@ class PrehabModule(LowRankCheckpointMixin, pl.LightningModule):
         self.log("train/loss", loss)
         return loss
 
+    def rehab_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """The loss :class:`~prehab.callbacks.LoRARehab` trains with: the task loss alone.
+
+        The penalty prepares the weights for the surgery; after it, it has done its job (rehab trains only the
+        LoRA parameters, and whitening refreshes belong to prehab's own steps).
+        """
+        loss, _, _ = self.task_loss(batch)
+        self.log("train/task_loss", loss)
+        return loss
+
     @torch.no_grad()
     def whitened_stable_ranks(self) -> list[float]:
         """Exact stable rank ‖WL‖_*²/‖WL‖_F² of every targeted layer (raw W when not whitened yet; ``W = up @ down``

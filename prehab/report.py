@@ -371,3 +371,55 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
 
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return lines + ["| " + " | ".join(escape(c) for c in row) + " |" for row in rows]
+
+
+def control_comparison(treated: CompressionReport, control: CompressionReport, lam: float, control_lam: float) -> dict:
+    """The same run with and without the penalty, row by row of the closing table (``control.json``)."""
+    names = sorted(set(treated.metric_names()) | set(control.metric_names()))
+    rows = []
+    for mine, theirs in zip(treated.summary_rows(), control.summary_rows(), strict=False):
+        rows.append(
+            {
+                "model": mine["model"],
+                "params": mine["params"],
+                "metrics": mine["metrics"],
+                "control_metrics": theirs["metrics"],
+            }
+        )
+    return _finite({"lam": lam, "control_lam": control_lam, "metrics": names, "rows": rows})
+
+
+def control_table(comparison: dict) -> Table:
+    lam, control = comparison["lam"], comparison["control_lam"]
+    table = Table(title=f"with the prehab penalty (λ = {lam:g}) against the control (λ = {control:g}), same run")
+    header = ["model", "params"]
+    for name in comparison["metrics"]:
+        header += [f"{name}, λ = {lam:g}", f"{name}, λ = {control:g}"]
+    for column in header:
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for row in _control_cells(comparison):
+        table.add_row(*row)
+    return table
+
+
+def control_markdown(comparison: dict) -> str:
+    lam, control = comparison["lam"], comparison["control_lam"]
+    header = ["model", "params"]
+    for name in comparison["metrics"]:
+        header += [f"{name}, λ = {lam:g}", f"{name}, λ = {control:g} (control)"]
+    lines = [f"# Prehab (λ = {lam:g}) against its control (λ = {control:g})", ""]
+    lines += [
+        "The same job twice (same seed, data, steps and optimizer); only the penalty weight differs.",
+        "",
+    ]
+    return "\n".join(lines + _markdown_table(header, _control_cells(comparison))) + "\n"
+
+
+def _control_cells(comparison: dict) -> list[list[str]]:
+    cells = []
+    for row in comparison["rows"]:
+        line = [row["model"], f"{row['params']:,}"]
+        for name in comparison["metrics"]:
+            line += [_number(row["metrics"].get(name)), _number(row["control_metrics"].get(name))]
+        cells.append(line)
+    return cells

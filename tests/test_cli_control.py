@@ -1,0 +1,77 @@
+"""`prehab fit ... --control_lam 0`: the same job again with λ = 0, compared stage by stage."""
+
+import json
+
+import yaml
+
+from prehab.callbacks import LowRankCompression
+from prehab.cli import cli
+
+TINY = """
+seed_everything: 3
+trainer:
+  accelerator: cpu
+  devices: 1
+  max_epochs: 1
+  enable_checkpointing: false
+  enable_model_summary: false
+  enable_progress_bar: false
+  num_sanity_val_steps: 0
+  default_root_dir: {out}
+  logger:
+    class_path: CSVLogger
+    init_args:
+      save_dir: {out}
+  callbacks:
+    - class_path: SVDLLM
+      init_args:
+        ratio: 0.6
+        calibration_batches: 2
+        compare: [svd]
+        save_dir: {out}
+    - class_path: LoRARehab
+      init_args:
+        steps_per_factor: 2
+        lr: 0.001
+model:
+  model: prehab:byte-llama
+  pretrained: false
+  lam: 0.05
+  calibration_batches: 2
+  lr: 0.003
+data:
+  class_path: StdlibText
+  init_args:
+    seq_len: 32
+    batch_size: 4
+    train_windows: 12
+    calibration_samples: 8
+    val_windows: 4
+"""
+
+
+def test_control_run_repeats_the_job_with_lambda_zero_and_compares(tmp_path):
+    out = tmp_path / "out"
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY.format(out=out))
+    run = cli(["fit", "--config", str(config), "--control_lam", "0"])
+
+    comparison = json.loads((out / "control.json").read_text())
+    assert comparison["lam"] == 0.05 and comparison["control_lam"] == 0.0
+    models = [row["model"] for row in comparison["rows"]]
+    assert models[0] == "before prehab" and models[-1] == "after rehab (LoRA)" and len(models) == 5
+    before = comparison["rows"][0]
+    # Same seed and data: identical before training, different after (only λ differs).
+    assert before["metrics"]["perplexity"] == before["control_metrics"]["perplexity"]
+    dense = comparison["rows"][1]
+    assert dense["metrics"]["perplexity"] != dense["control_metrics"]["perplexity"]
+    assert "λ = 0 (control)" in (out / "control.md").read_text()
+    # The control run wrote its own outputs, under control/, and its model had λ = 0.
+    control_report = json.loads((out / "control" / "report.json").read_text())
+    assert [s["name"] for s in control_report["stages"]] == ["before_prehab", "dense", "svd_llm", "rehab"]
+    assert (out / "control" / "compressed" / "prehab_compression.json").is_file()
+    assert run.model.lam == 0.05
+    main = next(c for c in run.trainer.callbacks if isinstance(c, LowRankCompression))
+    assert main.report.stage("dense").metrics == dense["metrics"]
+    saved = yaml.safe_load(next((out / "lightning_logs").rglob("config.yaml")).read_text())
+    assert saved["control_lam"] == 0.0
