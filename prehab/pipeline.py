@@ -440,8 +440,7 @@ def _collect(
                 problem = problem or (
                     f"layer {where + name!r} received {len(xs)} calls ({sum(map(_rows, xs))} input rows) in the "
                     f"original stream but {len(ys)} calls ({sum(map(_rows, ys))} rows) in the compressed one on "
-                    "calibration batch "
-                    f"{batch_index}"
+                    f"calibration batch {batch_index}"
                 )
             elif shared and not (_identical(xs, seen_original[names[0]]) and _identical(ys, seen_shifted[names[0]])):
                 unshared[index] = 1.0
@@ -454,9 +453,9 @@ def _collect(
         flagged = [where + n for n, f in zip(names, flags[0].tolist(), strict=True) if f]
         raise ValueError(
             f"{problem or f'layers {flagged} received different inputs in the two streams on another rank'}. "
-            "Its calls depend on the data (e.g. routed MoE experts), so the two-stream methods cannot pair its "
-            "inputs with the original model's. Exclude it with targets=, or use the one-stream SVDLLM. Nothing "
-            "was modified."
+            "Such calls depend on the data (e.g. routed MoE experts), so the two-stream methods cannot pair the "
+            "compressed model's inputs with the original model's. Exclude the layer with targets=, or use the "
+            "one-stream SVDLLM. Nothing was modified."
         )
     if shared and flags[1].any():
         return None

@@ -236,8 +236,9 @@ def _warn_uncovered(
         listed = ", ".join(f"{n} ({cls}, {count / total:.1%})" for (n, cls), count in largest)
         warnings.warn(
             f"{uncovered / total:.0%} of the block parameters are not in nn.Linear/Conv1D layers and stay dense: "
-            f"{listed}. prehab factors only nn.Linear and Conv1D layers (fused MoE experts and routers that hold "
-            "raw weight tensors are not supported), so the ratio applies to the targeted Linear layers only.",
+            f"{listed}. prehab factors only nn.Linear and Conv1D layers (modules that hold raw weight matrices, such "
+            "as fused MoE experts, routers or nn.MultiheadAttention's in_proj_weight, are not supported), so the "
+            "ratio applies to the targeted Linear layers only.",
             stacklevel=4,
         )
 
