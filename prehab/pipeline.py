@@ -2,12 +2,20 @@
 
 For every targeted layer the methods need ``H = X̂X̂ᵀ`` and ``C = XX̂ᵀ``, where ``X`` is the input in the
 original model and ``X̂`` the input in the model whose upstream layers are already compressed. Going
-block by block (the repeated ``ModuleList`` of a transformer):
+block by block through each repeated block stack (BART: the encoder's layers, then the decoder's), in
+the order the model runs them:
 
-1. the inputs of block 0 (args and kwargs: masks, position embeddings) are captured once per batch;
-2. inside a block, targeted layers are grouped by the input tensor they share (q/k/v, gate/up) and
-   processed in call order; for each group both streams are run up to the group (early exit), the
-   group is solved, and its layers are swapped in, so later groups see it (q/k/v before o, ...);
+1. the inputs of the stack's first block (args and kwargs: masks, position embeddings, encoder outputs)
+   are captured once per batch, from the dense model and from the partially compressed one. The first
+   batch of every distinct input shape runs the whole model to check that every block of the stack
+   is called once, in order, with the same non-hidden inputs as the first block (per-layer inputs such
+   as sliding-window masks are refused, since block 0's are reused for every block);
+2. inside a block, one probe forward records every call of every targeted layer: layers fed the very
+   same tensors form a group (q/k/v, gate/up), processed in call order. For each group both streams
+   are run until each layer has made its calls (early exit), every call's input rows go into the
+   statistics, the group is solved, and its layers are swapped in, so later groups see it (q/k/v
+   before o, ...). Groups are derived per block, and verified on every batch: layers that stop sharing
+   their inputs get statistics of their own, and layers the probe did not see are collected last;
 3. both streams are propagated to the next block: the original stream with the dense block (the
    replaced modules are swapped back for that pass), the shifted one with the compressed block.
 
@@ -20,11 +28,12 @@ early-exit forwards).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -32,12 +41,17 @@ from tqdm.auto import tqdm
 from prehab.calibration import calibration_forward
 from prehab.lowrank import dense_weight, replace_module
 from prehab.stats import RunningCovariance, all_reduce_sum_, calibration_forward_context
-from prehab.targets import find_blocks
+from prehab.targets import find_block_stacks
 
 __all__ = ["GroupStatistics", "sequential_compress"]
 
 # solve(group statistics) -> {layer name: replacement module}; layers left out stay dense.
 GroupSolver = Callable[["GroupStatistics"], dict[str, nn.Module]]
+
+# Block inputs that legitimately differ per block (or hold no per-layer meaning) in the kwargs check.
+_PER_CALL_INPUTS = frozenset(
+    {"hidden_states", "past_key_values", "past_key_value", "layer_past", "cache", "use_cache", "cache_position"}
+)
 
 
 class _StopForward(Exception):
@@ -108,92 +122,394 @@ def _same(a: Any, b: Any) -> bool:
         return False
 
 
-def _check_blocks_share_kwargs(model: nn.Module, blocks: nn.Module, batch: Any) -> None:
-    """Every block must get the same non-hidden inputs as block 0 (cached once and reused for all blocks).
-
-    Models that pass per-layer inputs (e.g. sliding-window masks on some layers) would be silently wrong.
-    """
-    seen: list[dict] = []
-    handles = [b.register_forward_pre_hook(lambda _m, _a, kw: seen.append(dict(kw)), with_kwargs=True) for b in blocks]
-    try:
-        calibration_forward(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    skip = {"hidden_states", "past_key_values", "past_key_value", "layer_past", "use_cache", "cache_position"}
-    for index, kwargs in enumerate(seen[1:], start=1):
-        for key in set(kwargs) | set(seen[0]):
-            if key not in skip and not _same(kwargs.get(key), seen[0].get(key)):
-                raise ValueError(
-                    f"block {index} is called with a different {key!r} than block 0 (per-layer inputs, e.g. "
-                    "sliding-window attention masks). The two-stream pipeline reuses block 0's inputs for every "
-                    "block, so it cannot compress this model: use the one-stream SVDLLM or SVD instead."
-                )
+def _signature(value: Any) -> Hashable:
+    """Shapes, dtypes and structure of a block's inputs: batches with equal signatures are checked once."""
+    if isinstance(value, Tensor):
+        return ("tensor", tuple(value.shape), value.dtype)
+    if isinstance(value, Mapping):
+        return ("map", tuple((str(k), _signature(v)) for k, v in value.items()))
+    if isinstance(value, list | tuple):
+        return ("seq", tuple(_signature(v) for v in value))
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return type(value).__name__
 
 
-def _capture_block_inputs(model: nn.Module, block: nn.Module, batches: list, runner: _Runner) -> list[tuple]:
-    captured: list[tuple] = []
+def _differing_input(first: tuple[tuple, dict], other: tuple[tuple, dict]) -> str | None:
+    """The first non-hidden block input that differs between two block calls (None: they agree)."""
+    (args0, kwargs0), (args1, kwargs1) = first, other
+    if len(args0) != len(args1):
+        return "number of positional arguments"
+    for position, (a, b) in enumerate(zip(args0[1:], args1[1:], strict=True), start=1):
+        if not (_is_cache(a) or _is_cache(b) or _same(a, b)):
+            return f"positional argument {position}"
+    for key in sorted(set(kwargs0) | set(kwargs1), key=str):
+        a, b = kwargs0.get(key), kwargs1.get(key)
+        if key not in _PER_CALL_INPUTS and not (_is_cache(a) or _is_cache(b) or _same(a, b)):
+            return repr(key)
+    return None
 
-    def grab(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not args and "hidden_states" not in kwargs:
-            raise TypeError(
-                "the first block was called without a positional or `hidden_states` input; "
-                "pass blocks= to name a block list whose first argument is the hidden state."
-            )
-        # A KV cache grows with every call and would corrupt every later statistic: never keep one.
-        kwargs = {k: (None if _is_cache(v) else v) for k, v in kwargs.items()}
-        captured.append(runner.store((tuple(a.detach() if isinstance(a, Tensor) else a for a in args), kwargs)))
-        raise _StopForward
 
-    handle = block.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for batch in batches:
-            with contextlib.suppress(_StopForward):
-                calibration_forward(model, batch)
-    finally:
-        handle.remove()
-    if len(captured) != len(batches):
-        raise RuntimeError(f"the first block ran on {len(captured)} of {len(batches)} calibration batches.")
-    return captured
+def _broadcast(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank, so data-dependent decisions cannot desynchronize the all-reduces."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
+def _agree(error: Exception | None, device: torch.device) -> None:
+    """Raise on every rank when any rank failed a check (a lone failing rank would leave the others waiting)."""
+    flag = torch.tensor([0.0 if error is None else 1.0], dtype=torch.float64, device=device)
+    all_reduce_sum_([flag])
+    if error is not None:
+        raise error
+    if flag.item() > 0:
+        raise ValueError(
+            "another DDP rank's calibration batches failed a check of the two-stream pipeline; see its error."
+        )
 
 
 @contextlib.contextmanager
 def _hooks(modules: dict[str, nn.Module], fn: Callable[[str, Tensor], None]) -> Iterator[None]:
+    """``fn(name, input)`` before every call of every module (the input as passed: identity matters)."""
     handles = []
     try:
         for name, module in modules.items():
-            handles.append(module.register_forward_pre_hook(lambda _m, args, _n=name: fn(_n, args[0])))
+            handles.append(
+                module.register_forward_pre_hook(
+                    lambda _m, args, kwargs, _n=name: fn(_n, args[0] if args else next(iter(kwargs.values()))),
+                    with_kwargs=True,
+                )
+            )
         yield
     finally:
         for handle in handles:
             handle.remove()
 
 
-def _group_by_shared_input(
-    stage: nn.Module, targets: dict[str, nn.Module], first_input: Any, runner: _Runner
-) -> tuple[list[list[str]], list[str]]:
-    """Targets grouped by the very input tensor they read, in call order; plus those never called."""
-    order: list[tuple[str, int]] = []
-    seen_inputs: list[Tensor] = []
+@contextlib.contextmanager
+def _dense(model: nn.Module, originals: dict[str, nn.Module], root: str) -> Iterator[None]:
+    """Temporarily put the dense layers back under ``root`` (the original stream's view)."""
+    prefix = root + "." if root else ""
+    swapped = {n: replace_module(model, n, m) for n, m in originals.items() if n.startswith(prefix)}
+    try:
+        yield
+    finally:
+        for name, module in swapped.items():
+            replace_module(model, name, module)
+
+
+# ------------------------------------------------------------------------------------------ stacks
+def _stacks_for(model: nn.Module, targets: dict[str, nn.Module], blocks: str | None) -> list[tuple[str, nn.Module]]:
+    """The block stacks holding targets (empty: the whole model is the one stage)."""
+    stacks = find_block_stacks(model, blocks, include_small=True)
+    if not stacks:
+        return []
+    prefixes = tuple(name + "." for name, _ in stacks)
+    outside = [n for n in targets if not n.startswith(prefixes)]
+    if outside:
+        names = ", ".join(repr(name) for name, _ in stacks[:4])
+        raise ValueError(
+            f"targets outside the repeated blocks ({names}) cannot use the two-stream pipeline: {outside[:5]}. "
+            "Restrict targets= to the blocks, or pass blocks= for another block list."
+        )
+    return [(name, stack) for name, stack in stacks if any(n.startswith(name + ".") for n in targets)]
+
+
+def _stack_order(model: nn.Module, stacks: list[tuple[str, nn.Module]], batch: Any) -> list[int]:
+    """Indices of the stacks in the order the model runs them; a stack that is not run is left out."""
+    sequence: list[int] = []
+    handles = [
+        block.register_forward_pre_hook(lambda _m, _a, _s=index: sequence.append(_s))
+        for index, (_, stack) in enumerate(stacks)
+        for block in stack
+    ]
+    try:
+        calibration_forward(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    runs = [s for i, s in enumerate(sequence) if i == 0 or sequence[i - 1] != s]
+    if len(runs) != len(set(runs)):
+        order = " -> ".join(stacks[s][0] for s in runs[:8])
+        raise ValueError(
+            f"the model interleaves the blocks of several stacks ({order}), so they cannot be compressed stack "
+            "after stack. Pass blocks= to compress one stack, or use the one-stream SVDLLM."
+        )
+    return runs
+
+
+def _capture_stack_inputs(
+    model: nn.Module, prefix: str, stack: nn.Module, batches: list, runner: _Runner, check: bool
+) -> list[tuple]:
+    """Inputs of the stack's first block on every batch; with ``check``, also verify its blocks (see module doc).
+
+    The first batch of each distinct input signature runs the whole model with hooks on every block
+    (the check); the others stop at the first block.
+    """
+    captured: list[tuple] = []
+    checked: set[Hashable] = set()
+    state: dict[str, Any] = {}
+
+    def hook(index: int, args: tuple, kwargs: dict) -> None:
+        if index == 0 and "first" not in state:
+            if not args and "hidden_states" not in kwargs:
+                raise ValueError(
+                    f"the first block of {prefix!r} was called without a positional or `hidden_states` input; "
+                    "pass blocks= to name a block list whose first argument is the hidden state."
+                )
+            # A KV cache grows with every call and would corrupt every later statistic: never keep one.
+            kwargs = {k: (None if _is_cache(v) else v) for k, v in kwargs.items()}
+            inputs = (tuple(a.detach() if isinstance(a, Tensor) else a for a in args), kwargs)
+            captured.append(runner.store(inputs))
+            signature = _signature(inputs)
+            if not check or signature in checked:
+                raise _StopForward
+            checked.add(signature)
+            state["first"] = (args, kwargs)
+        elif "first" not in state:
+            return  # a later block called before the first: caught by the order check below
+        if index != state["calls"]:
+            raise ValueError(
+                f"block {index} of {prefix!r} is called after block {state['calls'] - 1} (blocks must run once "
+                "each, in order, for the two-stream pipeline to pass each block's output to the next). Pass "
+                "blocks= for another block list, or use the one-stream SVDLLM."
+            )
+        state["calls"] += 1
+        if index:
+            what = _differing_input(state["first"], (args, kwargs))
+            if what is not None:
+                raise ValueError(
+                    f"block {index} is called with a different {what} than block 0 in {prefix!r} (on calibration "
+                    f"batch {state['batch']}: per-layer inputs, e.g. sliding-window attention masks on inputs longer "
+                    "than the window). The two-stream pipeline reuses block 0's inputs for every block, so it cannot "
+                    "compress this model: use the one-stream SVDLLM or SVD instead."
+                )
+
+    handles = [
+        block.register_forward_pre_hook(lambda _m, a, kw, _i=index: hook(_i, a, kw), with_kwargs=True)
+        for index, block in enumerate(stack)
+    ]
+    error: Exception | None = None
+    try:
+        for batch_index, batch in enumerate(batches):
+            state.clear()
+            state.update(calls=0, batch=batch_index)
+            with contextlib.suppress(_StopForward):
+                calibration_forward(model, batch)
+            if "first" in state and state["calls"] != len(stack):
+                raise ValueError(
+                    f"only {state['calls']} of the {len(stack)} blocks of {prefix!r} ran on calibration batch "
+                    f"{batch_index}; the two-stream pipeline needs every block to run once, in order. Pass blocks= "
+                    "for another block list, or use the one-stream SVDLLM."
+                )
+    except ValueError as err:
+        error = err
+    finally:
+        for handle in handles:
+            handle.remove()
+    _agree(error, runner.device)
+    if len(captured) != len(batches):
+        raise RuntimeError(
+            f"the first block of {prefix!r} ran on {len(captured)} of {len(batches)} calibration batches."
+        )
+    return captured
+
+
+# ------------------------------------------------------------------------------------------ one stage
+@dataclass
+class _Structure:
+    """Which targets a stage calls on its probe batch, grouped by shared inputs, in order of first call."""
+
+    groups: list[list[str]]
+    calls: dict[str, int]  # calls per layer in the probe forward
+    uncalled: list[str]
+
+
+def _probe_structure(stage: nn.Module, targets: dict[str, nn.Module], inputs: Any, runner: _Runner) -> _Structure:
+    sequences: dict[str, list[int]] = {}
+    index_of: dict[int, int] = {}
+    alive: list[Tensor] = []  # keeps every input alive during the forward, so that ids stay unique
 
     def record(name: str, x: Tensor) -> None:
-        if any(name == n for n, _ in order):
-            return
-        index = next((i for i, t in enumerate(seen_inputs) if t is x), None)
-        if index is None:
-            seen_inputs.append(x)
-            index = len(seen_inputs) - 1
-        order.append((name, index))
+        if id(x) not in index_of:
+            index_of[id(x)] = len(alive)
+            alive.append(x)
+        sequences.setdefault(name, []).append(index_of[id(x)])
 
     with _hooks(targets, record):
-        runner(stage, first_input)
-    groups: dict[int, list[str]] = {}
-    for name, index in order:
-        groups.setdefault(index, []).append(name)
-    called = {name for name, _ in order}
-    return list(groups.values()), [n for n in targets if n not in called]
+        runner(stage, inputs)
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for name, sequence in sequences.items():  # insertion order: order of first calls
+        groups.setdefault(tuple(sequence), []).append(name)
+    return _Structure(
+        list(groups.values()), {n: len(s) for n, s in sequences.items()}, [n for n in targets if n not in sequences]
+    )
 
 
+class _Accumulator:
+    """Running ``G``, ``H``, ``C`` sums over paired input rows of the two streams."""
+
+    def __init__(self, features: int, device: torch.device) -> None:
+        self.g, self.h, self.c = (RunningCovariance(features, device=device) for _ in range(3))
+
+    def add(self, originals: list[Tensor], shifted: list[Tensor]) -> None:
+        for x, x_hat in zip(originals, shifted, strict=True):
+            self.g.update(x)
+            self.h.update(x_hat)
+            self.c.update(x, x_hat)
+
+    def statistics(self, names: list[str]) -> GroupStatistics:
+        """Means over all ranks (all-reduced); zeros with ``count == 0`` when no rank saw an input."""
+        count = torch.tensor([float(self.h.count)], dtype=torch.float64, device=self.h.sum.device)
+        all_reduce_sum_([self.g.sum, self.h.sum, self.c.sum, count])
+        total = int(count.item())
+        scale = max(total, 1)
+        return GroupStatistics(names, self.g.sum / scale, self.h.sum / scale, self.c.sum / scale, total)
+
+
+def _identical(a: list[Tensor], b: list[Tensor]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
+def _rows(x: Tensor) -> int:
+    return x.numel() // x.shape[-1]
+
+
+def _run_recording(
+    stage: nn.Module,
+    members: dict[str, nn.Module],
+    inputs: Any,
+    runner: _Runner,
+    expected: dict[str, int] | None,
+    outputs: list | None,
+) -> dict[str, list[Tensor]]:
+    """Every call's input of every member; stops once each made its ``expected`` calls (None: full run)."""
+    seen: dict[str, list[Tensor]] = {name: [] for name in members}
+
+    def record(name: str, x: Tensor) -> None:
+        seen[name].append(x)
+        if expected is not None and all(len(seen[n]) >= expected[n] for n in members):
+            raise _StopForward
+
+    with _hooks(members, record), contextlib.suppress(_StopForward):
+        out = runner(stage, inputs)
+        if outputs is not None:
+            outputs.append(runner.store(_hidden(out).detach()))
+    return seen
+
+
+def _collect(
+    stage: nn.Module,
+    members: dict[str, nn.Module],
+    expected: dict[str, int] | None,
+    streams: tuple[list, list],
+    runner: _Runner,
+    dense_view: Callable[[], contextlib.AbstractContextManager],
+    keep_outputs: bool,
+    where: str,
+) -> tuple[list[GroupStatistics], list | None] | None:
+    """Both streams' statistics of ``members`` over all batches, every call of every member counted.
+
+    With ``expected`` (the probe's call counts) the members are assumed to read the very same tensors,
+    so they share one statistic; that is verified on every batch, and None is returned when it fails
+    anywhere (the caller then collects again with ``expected=None``: one statistic per member).
+    """
+    names = list(members)
+    shared = expected is not None and len(names) > 1
+    first_weight = dense_weight(members[names[0]])
+    accumulators = {
+        name: _Accumulator(dense_weight(module).shape[1], first_weight.device)
+        for name, module in (list(members.items())[:1] if shared else members.items())
+    }
+    unpaired, unshared = [0.0] * len(names), [0.0] * len(names)
+    problem = ""
+    outputs: list | None = [] if keep_outputs else None
+    for batch_index, (original, shifted) in enumerate(zip(*streams, strict=True)):
+        # The dense stream: this stage's replaced layers swapped back for the pass.
+        with dense_view():  # full run when its outputs are kept: they are the next block's original inputs
+            stop = None if keep_outputs else expected
+            seen_original = _run_recording(stage, members, original, runner, stop, outputs)
+        seen_shifted = _run_recording(stage, members, shifted, runner, expected, None)
+        for index, name in enumerate(names):
+            xs, ys = seen_original[name], seen_shifted[name]
+            if len(xs) != len(ys) or any(_rows(x) != _rows(y) for x, y in zip(xs, ys, strict=False)):
+                unpaired[index] = 1.0
+                problem = problem or (
+                    f"layer {where + name!r} received {len(xs)} calls ({sum(map(_rows, xs))} input rows) in the "
+                    f"original stream but {len(ys)} calls ({sum(map(_rows, ys))} rows) in the compressed one on "
+                    f"calibration batch {batch_index}"
+                )
+            elif shared and not (_identical(xs, seen_original[names[0]]) and _identical(ys, seen_shifted[names[0]])):
+                unshared[index] = 1.0
+        for index, (name, accumulator) in enumerate(accumulators.items()):
+            if not unpaired[index]:
+                accumulator.add(seen_original[name], seen_shifted[name])
+    flags = torch.tensor([unpaired, unshared], dtype=torch.float64, device=first_weight.device)
+    all_reduce_sum_([flags])  # every rank takes the same branch below
+    if flags[0].any():
+        flagged = [where + n for n, f in zip(names, flags[0].tolist(), strict=True) if f]
+        raise ValueError(
+            f"{problem or f'layers {flagged} received different inputs in the two streams on another rank'}. "
+            "Such calls depend on the data (e.g. routed MoE experts), so the two-stream methods cannot pair the "
+            "compressed model's inputs with the original model's. Exclude the layer with targets=, or use the "
+            "one-stream SVDLLM. Nothing was modified."
+        )
+    if shared and flags[1].any():
+        return None
+    if shared:
+        return [accumulators[names[0]].statistics(names)], outputs
+    return [accumulators[name].statistics([name]) for name in names], outputs
+
+
+def _compress_stage(
+    model: nn.Module,
+    stage: nn.Module,
+    prefix: str,
+    targets: dict[str, nn.Module],
+    streams: tuple[list, list],
+    runner: _Runner,
+    originals: dict[str, nn.Module],
+    solve: GroupSolver,
+    keep_outputs: bool,
+) -> tuple[list[str], list | None]:
+    """Solve and swap in the stage's targets (names relative to the stage), group after group.
+
+    Returns the names (relative to ``model``) of targets that received no input, and, with
+    ``keep_outputs``, the dense stage's outputs on the original stream when the last group's pass
+    produced them (else None).
+    """
+    if not targets:
+        return [], None
+    root = prefix[:-1]
+    structure = _broadcast(_probe_structure(stage, targets, streams[1][0], runner))
+    passes = [(group, True) for group in structure.groups]
+    if structure.uncalled:  # not called on the probe batch: maybe on others (routing, data-dependent code)
+        passes.append((structure.uncalled, False))
+    unused: list[str] = []
+    outputs: list | None = None
+    for pass_index, (names, probed) in enumerate(passes):
+        keep = keep_outputs and pass_index == len(passes) - 1
+        members = {n: targets[n] for n in names}
+        args = (stage, members)
+        rest = (streams, runner, lambda: _dense(model, originals, root), keep, prefix)
+        collected = _collect(*args, {n: structure.calls[n] for n in names} if probed else None, *rest)
+        if collected is None:  # the members did not always share their inputs: one statistic each
+            collected = _collect(*args, None, *rest)
+        results, outputs = collected
+        for stats in results:
+            stats.names = [prefix + n for n in stats.names]
+            if stats.count == 0:
+                unused += stats.names
+                continue
+            for full_name, new in solve(stats).items():
+                originals[full_name] = replace_module(model, full_name, new)
+    return unused, outputs
+
+
+# ------------------------------------------------------------------------------------------ entry point
 def sequential_compress(
     model: nn.Module,
     targets: dict[str, nn.Module],
@@ -210,89 +526,49 @@ def sequential_compress(
         targets: layers to compress, by name relative to ``model``.
         batches: this rank's calibration batches (fed through :func:`calibration_forward`).
         solve: turns a group's (all-reduced) statistics into replacement modules.
-        blocks: name of the repeated block list; found automatically when None. Without one, the
-            whole model is the single stage (per-layer early-exit forwards).
+        blocks: name of the repeated block list; found automatically when None (every stack that holds
+            targets, in the order the model runs them). Without one, the whole model is the single
+            stage (per-layer early-exit forwards).
         progress: show a progress bar.
+        desc: the progress bar's label.
 
     Returns:
         Names of targets that never received an input (left dense).
 
+    Raises:
+        ValueError: no targets or batches; targets outside the block stacks; blocks called with
+            per-layer inputs, out of order or interleaved between stacks; a layer whose calls differ
+            between the two streams. All before that layer's stack or group is modified.
+
     On any exception every replaced layer is put back, so the model is left as it was.
     """
+    if not targets:
+        raise ValueError("targets is empty: there is nothing to compress (resolve_targets never returns an empty set).")
     if not batches:
         raise ValueError("this rank received no calibration batches; use calibration_batches >= the number of ranks.")
     device = dense_weight(next(iter(targets.values()))).device
-    found = find_blocks(model, blocks)
+    stacks = _stacks_for(model, targets, blocks)
     originals: dict[str, nn.Module] = {}  # name -> dense module, for the dense stream and for rollback
 
     with calibration_forward_context(model):
         try:
-            if found is None:
-                stages = [("", model, dict(targets))]
+            if not stacks:
                 runner = _Runner(whole_model=True, device=device, offload=False)
-                original_inputs = shifted_inputs = list(batches)
-            else:
-                prefix, container = found
-                outside = [n for n in targets if not n.startswith(prefix + ".")]
-                if outside:
-                    raise ValueError(
-                        f"targets outside the repeated blocks {prefix!r} cannot use the two-stream pipeline: "
-                        f"{outside[:5]}. Restrict targets= to the blocks, or pass blocks= for another block list."
+                with tqdm(total=1, desc=f"{desc}: blocks", disable=not progress, unit="block") as bar:
+                    unused, _ = _compress_stage(
+                        model, model, "", dict(targets), (list(batches), list(batches)), runner, originals, solve, False
                     )
-                stages = []
-                for index, block in enumerate(container):
-                    block_prefix = f"{prefix}.{index}."
-                    stages.append(
-                        (block_prefix, block, {n: m for n, m in targets.items() if n.startswith(block_prefix)})
-                    )
-                runner = _Runner(whole_model=False, device=device, offload=device.type != "cpu")
-                _check_blocks_share_kwargs(model, container, batches[0])
-                original_inputs = _capture_block_inputs(model, container[0], batches, runner)
-                shifted_inputs = list(original_inputs)
-
-            unused: list[str] = []
-            group_cache: dict[tuple, tuple[list[list[str]], list[str]]] = {}
-            bar = tqdm(stages, desc=f"{desc}: blocks", disable=not progress, unit="block")
-            for block_prefix, stage, stage_targets in bar:
-                stage_targets = {n[len(block_prefix) :] if block_prefix else n: m for n, m in stage_targets.items()}
-                root = block_prefix.rstrip(".")
-                if stage_targets:
-                    # Repeated blocks share their structure: find the groups once per block class and layer set.
-                    key = (type(stage), tuple(stage_targets))
-                    if key not in group_cache:
-                        group_cache[key] = _group_by_shared_input(stage, stage_targets, shifted_inputs[0], runner)
-                    groups, never_called = group_cache[key]
-                    unused += [block_prefix + n for n in never_called]
-                else:
-                    groups = []
-                next_original: list | None = None
-                for group_index, group in enumerate(groups):
-                    last = group_index == len(groups) - 1 and found is not None
-                    stats, outputs = _group_statistics(
-                        stage,
-                        {n: stage_targets[n] for n in group},
-                        original_inputs,
-                        shifted_inputs,
-                        runner,
-                        originals,
-                        root,
-                        model,
-                        keep_original_outputs=last,
-                    )
-                    if last:
-                        next_original = outputs
-                    stats.names = [block_prefix + n for n in group]
-                    replacements = solve(stats)
-                    for full_name, new in replacements.items():
-                        originals[full_name] = replace_module(model, full_name, new)
-                if found is None:
-                    continue
-                with _dense(model, originals, root):
-                    if next_original is None:
-                        next_original = [runner.store(_hidden(runner(stage, inp)).detach()) for inp in original_inputs]
-                next_shifted = [runner.store(_hidden(runner(stage, inp)).detach()) for inp in shifted_inputs]
-                original_inputs = [_with_hidden(inp, h) for inp, h in zip(original_inputs, next_original, strict=True)]
-                shifted_inputs = [_with_hidden(inp, h) for inp, h in zip(shifted_inputs, next_shifted, strict=True)]
+                    bar.update()
+                return unused
+            runner = _Runner(whole_model=False, device=device, offload=device.type != "cpu")
+            order = _broadcast(_stack_order(model, stacks, batches[0])) if len(stacks) > 1 else [0]
+            skipped = tuple(name + "." for s, (name, _) in enumerate(stacks) if s not in order)
+            unused = [n for n in targets if n.startswith(skipped)]  # stacks the model never ran
+            work = [(stacks[s], _blocks_with_targets(stacks[s], targets)) for s in order]
+            total = sum(last + 1 for _, last in work)
+            with tqdm(total=total, desc=f"{desc}: blocks", disable=not progress, unit="block") as bar:
+                for (name, stack), last in work:
+                    unused += _compress_stack(model, name, stack, last, targets, batches, runner, originals, solve, bar)
             return unused
         except BaseException:
             for name, module in originals.items():
@@ -300,65 +576,47 @@ def sequential_compress(
             raise
 
 
-@contextlib.contextmanager
-def _dense(model: nn.Module, originals: dict[str, nn.Module], root: str) -> Iterator[None]:
-    """Temporarily put the dense layers back under ``root`` (the original stream's view)."""
-    prefix = root + "." if root else ""
-    swapped = {n: replace_module(model, n, m) for n, m in originals.items() if n.startswith(prefix)}
-    try:
-        yield
-    finally:
-        for name, module in swapped.items():
-            replace_module(model, name, module)
+def _blocks_with_targets(stack: tuple[str, nn.Module], targets: dict[str, nn.Module]) -> int:
+    """Index of the stack's last block that holds a target (the blocks after it need no pass)."""
+    name, container = stack
+    return max(i for i in range(len(container)) if any(n.startswith(f"{name}.{i}.") for n in targets))
 
 
-def _group_statistics(
-    stage: nn.Module,
-    group: dict[str, nn.Module],
-    original_inputs: list,
-    shifted_inputs: list,
+def _compress_stack(
+    model: nn.Module,
+    name: str,
+    stack: nn.Module,
+    last: int,
+    targets: dict[str, nn.Module],
+    batches: list,
     runner: _Runner,
     originals: dict[str, nn.Module],
-    root: str,
-    model: nn.Module,
-    keep_original_outputs: bool,
-) -> tuple[GroupStatistics, list | None]:
-    """Run both streams up to the group (both streams' inputs of one group are one tensor each)."""
-    features = dense_weight(next(iter(group.values()))).shape[1]
-    device = dense_weight(next(iter(group.values()))).device
-    g, h, c = (RunningCovariance(features, device=device) for _ in range(3))
-    first = next(iter(group))
-    outputs: list | None = [] if keep_original_outputs else None
-
-    def capture(store: list, stop: bool) -> Callable[[str, Tensor], None]:
-        def fn(name: str, x: Tensor) -> None:
-            if name == first and not store:
-                store.append(x.detach())
-                if stop:
-                    raise _StopForward
-
-        return fn
-
-    for original, shifted in zip(original_inputs, shifted_inputs, strict=True):
-        seen_original: list[Tensor] = []
-        seen_shifted: list[Tensor] = []
-        # The dense stream: this stage's replaced layers swapped back for the pass.
-        with _dense(model, originals, root), _hooks(group, capture(seen_original, not keep_original_outputs)):
-            try:
-                out = runner(stage, original)
-                if outputs is not None:
-                    outputs.append(runner.store(_hidden(out).detach()))
-            except _StopForward:
-                pass
-        with _hooks(group, capture(seen_shifted, True)), contextlib.suppress(_StopForward):
-            runner(stage, shifted)
-        if not seen_original or not seen_shifted:
-            raise RuntimeError(f"layer {root + '.' if root else ''}{first} was not called in both streams.")
-        x, x_hat = seen_original[0], seen_shifted[0]
-        g.update(x)
-        h.update(x_hat)
-        c.update(x, x_hat)
-    count = torch.tensor([float(h.count)], dtype=torch.float64, device=device)
-    all_reduce_sum_([g.sum, h.sum, c.sum, count])
-    total = int(count.item())
-    return GroupStatistics(list(group), g.sum / total, h.sum / total, c.sum / total, total), outputs
+    solve: GroupSolver,
+    bar: tqdm,
+) -> list[str]:
+    with _dense(model, originals, ""):
+        original_inputs = _capture_stack_inputs(model, name, stack, batches, runner, check=True)
+    # Upstream layers (earlier stacks, e.g. the encoder for a decoder's cross-attention) may be compressed.
+    if originals:
+        shifted_inputs = _capture_stack_inputs(model, name, stack, batches, runner, check=False)
+    else:
+        shifted_inputs = list(original_inputs)
+    unused: list[str] = []
+    for index in range(last + 1):
+        block, prefix = stack[index], f"{name}.{index}."
+        block_targets = {n[len(prefix) :]: m for n, m in targets.items() if n.startswith(prefix)}
+        more = index < last
+        missing, next_original = _compress_stage(
+            model, block, prefix, block_targets, (original_inputs, shifted_inputs), runner, originals, solve, more
+        )
+        unused += missing
+        bar.update()
+        if not more:
+            break
+        with _dense(model, originals, prefix[:-1]):
+            if next_original is None:
+                next_original = [runner.store(_hidden(runner(block, inp)).detach()) for inp in original_inputs]
+        next_shifted = [runner.store(_hidden(runner(block, inp)).detach()) for inp in shifted_inputs]
+        original_inputs = [_with_hidden(inp, h) for inp, h in zip(original_inputs, next_original, strict=True)]
+        shifted_inputs = [_with_hidden(inp, h) for inp, h in zip(shifted_inputs, next_shifted, strict=True)]
+    return unused
