@@ -45,10 +45,10 @@ class LoRARehab(Callback):
 
     The loss is the module's own ``training_step`` (its ``self.log`` calls are recorded and forwarded to the
     Trainer's logger under ``rehab/``), or its ``rehab_step(batch, batch_idx)`` when it defines one
-    (``PrehabModule`` does: the task loss without the penalty), on the fit's training data, or on ``dataloader=`` / ``datamodule=`` when
-    given (e.g. ``Alpaca`` for LLMs). Honoured from the Trainer: ``accumulate_grad_batches``,
-    ``gradient_clip_val``/``gradient_clip_algorithm``, the precision plugin's autocast (``16-mixed`` and
-    ``bf16-mixed``, with its gradient scaler), the device and DDP. Not used: the module's
+    (``PrehabModule`` does: the task loss without the penalty). The data: the fit's training data, or
+    ``dataloader=`` / ``datamodule=`` when given (e.g. ``Alpaca`` for LLMs). Honoured from the Trainer:
+    ``accumulate_grad_batches``, ``gradient_clip_val``/``gradient_clip_algorithm``, the precision plugin's autocast
+    (``16-mixed`` and ``bf16-mixed``, with its gradient scaler), the device and DDP. Not used: the module's
     ``configure_optimizers`` and LR schedulers (rehab has its own AdamW on the LoRA parameters, constant ``lr``),
     ``max_steps``/epochs, and manual optimization (refused). Under DDP every rank trains on its shard (the fit's
     sharded train loader; ``dataloader=``/``datamodule=`` loaders are split round-robin by batch), gradients are
