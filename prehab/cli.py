@@ -24,6 +24,7 @@ import prehab.callbacks  # noqa: F401  (registers the short class names for clas
 import prehab.datamodules  # noqa: F401
 from prehab.callbacks import LowRankCompression
 from prehab.module import PrehabModule
+from prehab.plots import save_control_plot
 from prehab.report import control_comparison, control_markdown, control_table
 
 __all__ = ["PrehabCLI", "cli", "main"]
@@ -37,9 +38,9 @@ class PrehabCLI(LightningCLI):
     """LightningCLI with prehab's defaults (config overwrite allowed, seed 0) and the ``control_lam`` option.
 
     ``control_lam: 0`` runs the whole job a second time with ``model.lam`` set to it — same seed, data, steps,
-    optimizer and callbacks, outputs under ``<each output folder>/control`` — and prints and saves
-    (``control.md``/``control.json`` next to the compression report) every stage of both runs side by side: the
-    effect of the penalty itself, separated from the effect of fine-tuning.
+    optimizer and callbacks, outputs under ``<each output folder>/control`` — and prints every stage of both runs
+    side by side (saved as ``control.md``, ``control.json`` and ``control.png`` next to the compression report):
+    the effect of the penalty itself, separated from the effect of fine-tuning.
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -72,6 +73,8 @@ class PrehabCLI(LightningCLI):
             folder = Path(treated.save_dir)
             (folder / "control.json").write_text(json.dumps(comparison, indent=2, allow_nan=False))
             (folder / "control.md").write_text(control_markdown(comparison))
+            if treated.plots:
+                save_control_plot(comparison, folder / "control.png")
 
 
 def _compression(trainer: Any) -> LowRankCompression | None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from prehab.report import CompressionReport
 
-__all__ = ["save_plots"]
+__all__ = ["save_control_plot", "save_plots"]
 
 LOWER_IS_BETTER = ("perplexity", "loss")
 
@@ -25,7 +25,7 @@ def _pyplot():
 
 def _log_scale(name: str, values: list[float]) -> bool:
     positive = [v for v in values if v is not None and v > 0]
-    return any(key in name for key in LOWER_IS_BETTER) and len(positive) > 1 and max(positive) / min(positive) > 20
+    return any(key in name for key in LOWER_IS_BETTER) and len(positive) > 1 and max(positive) / min(positive) > 10
 
 
 def save_plots(report: CompressionReport, folder: str | Path) -> list[Path]:
@@ -143,3 +143,35 @@ def _spectra(plt, report: CompressionReport):
         axis.legend(fontsize=7)
     axes[0][0].set_ylabel("σ_i / σ_1 of W L")
     return figure
+
+
+def save_control_plot(comparison: dict, path: str | Path) -> Path | None:
+    """Each metric against the ratio, per method, with the penalty (solid) and in the control run (dashed)."""
+    names, sweep = comparison["metrics"], comparison["sweep"]
+    if not names or not sweep:
+        return None
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    lam, control = comparison["lam"], comparison["control_lam"]
+    for axis, name in zip(axes[0], names, strict=True):
+        values = []
+        for index, method in enumerate(dict.fromkeys(row["method"] for row in sweep)):
+            rows = sorted((r for r in sweep if r["method"] == method), key=lambda r: r["ratio"])
+            for key, style, label in (("metrics", "-", f"λ = {lam:g}"), ("control_metrics", "--", f"λ = {control:g}")):
+                points = [(r["ratio"], r[key][name]) for r in rows if r[key].get(name) is not None]
+                values += [v for _, v in points]
+                if points:
+                    ratios, metric = zip(*points, strict=True)
+                    color = colors[index % len(colors)]
+                    axis.plot(ratios, metric, style, marker="o", color=color, label=f"{method}, {label}")
+        axis.set_xlabel("fraction of targeted parameters removed")
+        axis.set_ylabel(name)
+        if _log_scale(name, values):
+            axis.set_yscale("log")
+        axis.legend(fontsize=7)
+        axis.set_title(f"{name}: prehab (solid) vs control (dashed)")
+    path = Path(path)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return path

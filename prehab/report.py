@@ -386,7 +386,22 @@ def control_comparison(treated: CompressionReport, control: CompressionReport, l
                 "control_metrics": theirs["metrics"],
             }
         )
-    return _finite({"lam": lam, "control_lam": control_lam, "metrics": names, "rows": rows})
+    sweep = [
+        {"method": a.method, "ratio": a.ratio, "metrics": a.metrics, "control_metrics": b.metrics}
+        for a, b in zip(treated.sweep, control.sweep, strict=False)
+        if (a.method, a.ratio) == (b.method, b.ratio)
+    ]
+    dense = treated.stage("dense"), control.stage("dense")
+    return _finite(
+        {
+            "lam": lam,
+            "control_lam": control_lam,
+            "metrics": names,
+            "rows": rows,
+            "sweep": sweep,
+            "dense": [None if d is None else d.metrics for d in dense],
+        }
+    )
 
 
 def control_table(comparison: dict) -> Table:
