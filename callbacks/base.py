@@ -236,6 +236,7 @@ class LowRankCompression(Callback):
         self._fit_started: float | None = None
         self._initial_metrics: dict[str, float] | None = None
         self._initial_weights: dict[str, Tensor] = {}  # a few layers' weights before the fit (spectra plot)
+        self._fit_targets: list[str] = []  # resolved at fit start, to refuse a second callback on the same layers
         self._spectrum_names: list[str] = []
         self._spectra: dict[str, dict[str, Any]] = {}
 
@@ -265,6 +266,16 @@ class LowRankCompression(Callback):
         targets = resolve_targets(pl_module, self.targets, self.blocks)
         if self.blocks is not None:
             find_blocks(pl_module, self.blocks)
+        position = trainer.callbacks.index(self) if self in trainer.callbacks else len(trainer.callbacks)
+        for other in trainer.callbacks[:position]:
+            shared = sorted(set(getattr(other, "_fit_targets", ())) & set(targets))
+            if isinstance(other, LowRankCompression) and shared:
+                raise ValueError(
+                    f"{type(other).__name__} and {type(self).__name__} in one Trainer both target {shared[:3]} "
+                    f"({len(shared)} layers): the second would find them already low-rank. Use compare=[...] to run "
+                    "other methods on the same model for the report, or give the callbacks disjoint targets=."
+                )
+        self._fit_targets = list(targets)
         self._spectrum_names = _spectrum_layers(list(targets))
         self._fit_started, self._initial_metrics, self._initial_weights = None, None, {}
 

@@ -111,6 +111,7 @@ class LoRARehab(Callback):
         self.evaluate = _check_flag("evaluate", evaluate)
         self.save_dir = None if save_dir is None else str(save_dir)
         self.losses: dict[str, list[float]] = {}  # factor -> loss per optimizer step (this rank)
+        self.seconds: dict[str, float] = {}  # factor -> wall time of its LoRA training, wrap and merge included
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -143,7 +144,9 @@ class LoRARehab(Callback):
         started = time.perf_counter()
         batches = self._batches(trainer)
         for index, factor in enumerate(self.order):
+            tick = time.perf_counter()
             self.losses[factor] = self.train_factor(trainer, pl_module, list(layers), factor, batches, index)
+            self.seconds[factor] = time.perf_counter() - tick
         seconds = time.perf_counter() - started
         compression = self._compression(trainer)
         metrics = {}

@@ -10,7 +10,8 @@ precision, the task) stays as shipped:
   (WikiText-2 lines, GLUE TSV rows, ImageNet sample images) and written in the GLUE layout otherwise;
 * every callback's ``save_dir``/``dirpath`` and a logger's ``save_dir`` go under ``tmp_path``, and sizes found
   in any callback's ``init_args`` (``calibration_batches``, ``steps_per_factor``, ...) shrink, so a callback
-  added to a config later is handled too;
+  added to a config later is handled too; a datamodule inside a callback's arguments (LoRARehab's
+  ``datamodule: Alpaca``) reads a few local rows;
 * the trainer runs one step on the CPU with the config's logger (Lightning's default logger when the config
   names none) writing under ``tmp_path``.
 """
@@ -171,9 +172,25 @@ def _short(class_path: str) -> str:
     return class_path.rsplit(".", 1)[-1]
 
 
+# Datamodules given inside a callback's init_args (e.g. LoRARehab's Alpaca): local data and small sizes.
+NESTED_DATA = {
+    "Alpaca": {
+        "dataset": str(SHARED_DATA / "alpaca" / "alpaca_5000.json"),
+        "max_samples": 16,
+        "val_size": 0,
+        "cutoff_len": 32,
+        "batch_size": 2,
+    },
+}
+
+
 def _shrink_callback_args(init_args: dict[str, Any], out: Path) -> None:
     for key, value in list(init_args.items()):
-        if key.endswith("save_dir") or key in ("dirpath", "output_dir"):
+        if isinstance(value, dict) and "class_path" in value:
+            nested = value.setdefault("init_args", {})
+            nested.update(NESTED_DATA.get(_short(value["class_path"]), {}))
+            _shrink_callback_args(nested, out / key)
+        elif key.endswith("save_dir") or key in ("dirpath", "output_dir"):
             init_args[key] = str(out / key)
         elif isinstance(value, int) and not isinstance(value, bool):
             size = next((v for suffix, v in CALLBACK_SIZES.items() if key.endswith(suffix)), None)

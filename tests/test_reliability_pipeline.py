@@ -12,6 +12,7 @@ import pytest
 import torch
 import transformers
 from conftest import VOCAB, TinyModule, fast_trainer, loader_for
+from test_two_stream import Recording  # AA-SVD that records the statistics each layer was solved from
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -50,18 +51,6 @@ def _lowrank(module):
 
 
 # ------------------------------------------------------------------ slow reference of the two-stream statistics
-class Recording(AASVD):
-    """AA-SVD that records the statistics each layer was solved from, in processing order."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.seen = []
-
-    def solve_layer(self, name, weight, rank, stats):
-        self.seen.append((name, {k: v.clone() for k, v in stats.items()}, stats["H"]))
-        return super().solve_layer(name, weight, rank, stats)
-
-
 def _all_inputs(model, name, batches):
     """Every call's input rows of layer `name` over full forwards of `model` (no caching of any kind)."""
     rows = []
@@ -122,10 +111,15 @@ def test_compress_twice_is_refused_and_changes_nothing():
 def test_two_compression_callbacks_in_one_trainer_never_nest():
     module = TinyModule("llama")
     first, second = SVDLLM(ratio=0.5, calibration_batches=2), SVD(ratio=0.3)
-    with pytest.raises(ValueError, match="already low-rank"):
+    state = _state(module)
+    with pytest.raises(ValueError, match="both target .* already low-rank. Use compare="):
         fast_trainer(callbacks=[first, second], max_steps=1).fit(module, loader_for("llama", n=8, batch_size=4))
-    assert len(_lowrank(module)) == 14 and not _nested_lowrank(module)  # as the first callback left it
-    assert first.report is not None and second.report is None
+    _assert_same_state(module, state)  # refused at fit start, before any training or surgery
+    assert first.report is None and second.report is None
+    # Disjoint targets are fine: each callback compresses its own layers, none nested.
+    attention, mlp = SVDLLM(ratio=0.5, targets="self_attn", calibration_batches=2), SVD(ratio=0.3, targets="mlp")
+    fast_trainer(callbacks=[attention, mlp], max_steps=1).fit(module, loader_for("llama", n=8, batch_size=4))
+    assert len(_lowrank(module)) == 14 and not _nested_lowrank(module)
 
 
 @pytest.mark.parametrize(
