@@ -148,6 +148,7 @@ def main() -> None:
             "rehab_step": rehab_step,
             "rehab_step_over_dense_step": rehab_step / dense_step,
             "rehab_total": rehab_seconds,
+            "rehab_per_factor": rehab.seconds,
         },
         "loss_first_last": {f: (losses[0], losses[-1]) for f, losses in rehab.losses.items()},
     }
