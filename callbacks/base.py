@@ -196,12 +196,10 @@ class LowRankCompression(Callback):
             self.ratios = [_check_ratio("ratio", DEFAULT_RATIO if ratio is None else ratio)]
         self.ratio = self.ratios[-1]
         self.calibration_batches = _check_positive_int("calibration_batches", calibration_batches)
-        if targets is not None:
-            if isinstance(targets, str):
-                pass
-            elif not isinstance(targets, Sequence) or not all(isinstance(t, str) for t in targets):
+        if targets is not None and not isinstance(targets, str):
+            if not isinstance(targets, Sequence) or not all(isinstance(t, str) for t in targets):
                 raise ValueError(f"targets={targets!r} is invalid: use a regex string, a list of them, or None.")
-            elif not targets:
+            if not targets:
                 raise ValueError("targets=[] selects no layer: give at least one regex, or None for the default.")
         if blocks is not None and not isinstance(blocks, str):
             raise ValueError(f"blocks={blocks!r} is invalid: name the block list as a string, e.g. 'model.layers'.")
@@ -326,7 +324,7 @@ class LowRankCompression(Callback):
             checkpoint[CHECKPOINT_KEY] = structure
 
     def _calibration_source(self, trainer: Trainer) -> tuple[Iterable | None, bool]:
-        """(loader, already sharded per rank). One-shot iterators are read once, so every run sees the same data."""
+        """(loader, already sharded per rank)."""
         if self.calibration_dataloader is not None:
             loader, sharded = self.calibration_dataloader, False
         elif trainer.datamodule is not None and hasattr(trainer.datamodule, "calibration_dataloader"):
@@ -338,8 +336,6 @@ class LowRankCompression(Callback):
             if isinstance(loader, CombinedLoader):
                 loader = loader.iterables
             sharded = trainer.world_size > 1
-        if isinstance(loader, Iterator):
-            loader = list(itertools.islice(loader, self.calibration_batches))
         return loader, sharded
 
     # ------------------------------------------------------------------ the work
@@ -360,8 +356,7 @@ class LowRankCompression(Callback):
         """
         from prehab.callbacks import METHODS  # the subclasses live in the package that imports this file
 
-        if isinstance(dataloader, Iterator):  # a one-shot iterator: read once, reused by every run
-            dataloader = list(itertools.islice(dataloader, self.calibration_batches))
+        dataloader = self._reusable(dataloader)  # every run must see the same batches
         runs = [(METHODS[name](**self.method_kwargs()), ratio) for name in self.compare for ratio in self.ratios]
         runs += [(self, ratio) for ratio in self.ratios]
         dense = resolve_targets(model, self.targets, self.blocks)
@@ -419,8 +414,7 @@ class LowRankCompression(Callback):
                 f"{type(self).__name__} needs calibration data and found none: pass calibration_dataloader=, "
                 "give your LightningDataModule a calibration_dataloader() method, or provide a train dataloader."
             )
-        if isinstance(dataloader, Iterator):  # one-shot: keep what was read for the runs that follow
-            dataloader = list(itertools.islice(dataloader, self.calibration_batches))
+        dataloader = self._reusable(dataloader)
         params_before = sum(p.numel() for p in model.parameters())
         reports: dict[str, LayerReport] = {}
         timer = {"solve": 0.0}
@@ -480,6 +474,12 @@ class LowRankCompression(Callback):
         )
         self.report = report
         return report
+
+    def _reusable(self, dataloader: Iterable | None) -> Iterable | None:
+        """A one-shot iterator (e.g. a generator) read once into a list of the batches calibration uses."""
+        if isinstance(dataloader, Iterator):
+            return list(itertools.islice(dataloader, self.calibration_batches))
+        return dataloader
 
     def _one_stream_statistics(
         self,

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import yaml
 
 from prehab.callbacks import LowRankCompression
@@ -75,3 +76,11 @@ def test_control_run_repeats_the_job_with_lambda_zero_and_compares(tmp_path):
     assert main.report.stage("dense").metrics == dense["metrics"]
     saved = yaml.safe_load(next((out / "lightning_logs").rglob("config.yaml")).read_text())
     assert saved["control_lam"] == 0.0
+
+
+def test_control_lam_must_be_a_number(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY.format(out=tmp_path / "out"))
+    with pytest.raises(SystemExit):  # jsonargparse: "Parser key 'control_lam' ... Expected a <class 'float'>"
+        cli(["fit", "--config", str(config), "--control_lam", "zero"])
+    assert not (tmp_path / "out").exists()  # refused before anything ran

@@ -264,6 +264,14 @@ def test_report_json_is_strict_and_errors_are_never_negative():
         ({"steps_per_factor": 5, "order": "up"}, r"order='up' is invalid"),
         ({"steps_per_factor": 5, "lr": 0}, r"lr=0 is invalid"),
         ({"steps_per_factor": 5, "dropout": 1.0}, r"dropout=1.0 is invalid"),
+        ({"steps_per_factor": 5, "alpha": 0}, r"alpha=0 is invalid"),
+        ({"steps_per_factor": 5, "weight_decay": -0.1}, r"weight_decay=-0.1 is invalid"),
+        ({"steps_per_factor": 5, "dataloader": 3}, r"dataloader=3 is not iterable"),
+        ({"steps_per_factor": 5, "datamodule": "alpaca"}, r"datamodule='alpaca' is invalid"),
+        ({"steps_per_factor": 5, "dataloader": [1], "datamodule": pl.LightningDataModule()}, r"both given"),
+        ({"steps_per_factor": 5, "seed": "0"}, r"seed='0' is invalid"),
+        ({"steps_per_factor": 5, "evaluate": "yes"}, r"evaluate='yes' is invalid"),
+        ({"steps_per_factor": 2.5}, r"steps_per_factor=2.5 is invalid"),
     ],
 )
 def test_rehab_bad_arguments_name_themselves(kwargs, match):
@@ -290,6 +298,9 @@ def test_rehab_without_compression_first_fails_before_any_training(where):
         ({"ratios": [0.0]}, r"ratios\[0\]=0.0 is invalid"),
         ({"ratios": []}, r"ratios=\[\] is invalid"),
         ({"ratios": [0.2, 0.2]}, r"repeats a value"),
+        ({"ratios": "0.2"}, r"ratios='0.2' is invalid"),
+        ({"ratio": 0.5, "save_dense": 1}, r"save_dense=1 is invalid"),
+        ({"ratio": 0.5, "plots": "no"}, r"plots='no' is invalid"),
     ],
 )
 def test_ratio_and_ratios_are_checked(kwargs, match):
