@@ -306,3 +306,32 @@ def test_rehab_without_compression_first_fails_before_any_training(where):
 def test_ratio_and_ratios_are_checked(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SVD(**kwargs)
+
+
+class Counting(TinyModule):
+    """Records, per training_step call, whether autocast was on (the Trainer's precision)."""
+
+    def __init__(self):
+        super().__init__("llama")
+        self.calls = []
+
+    def training_step(self, batch, batch_idx):
+        self.calls.append(torch.is_autocast_enabled("cpu"))
+        return super().training_step(batch, batch_idx)
+
+
+def test_rehab_follows_the_trainers_accumulation_and_precision():
+    module = Counting()
+    rehab = LoRARehab(steps_per_factor=3, rank=2)
+    trainer = fast_trainer(
+        callbacks=[SVDLLM(ratio=0.5, calibration_batches=2), rehab],
+        max_steps=1,
+        accumulate_grad_batches=2,
+        precision="bf16-mixed",
+    )
+    trainer.fit(module, train_dataloaders=loader_for("llama", n=64))
+    during_rehab = module.calls[2:]  # the fit's one optimizer step took 2 batches
+    assert len(during_rehab) == 2 * 3 * 2  # factors x steps x accumulated batches
+    assert all(during_rehab)  # every rehab forward ran under the Trainer's bf16 autocast
+    assert len(rehab.losses["up"]) == len(rehab.losses["down"]) == 3
+    assert sum(isinstance(m, LowRankLinear) for m in module.modules()) == 14
