@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -19,10 +22,10 @@ VOCAB = 96
 SEQ = 16
 
 
-def tiny_llama():
+def tiny_llama(**overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
+    settings = dict(
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=64,
@@ -34,7 +37,7 @@ def tiny_llama():
         eos_token_id=2,
         pad_token_id=0,
     )
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(LlamaConfig(**{**settings, **overrides}))
 
 
 def tiny_gpt2():
@@ -46,10 +49,10 @@ def tiny_gpt2():
     return GPT2LMHeadModel(config)
 
 
-def tiny_bert():
+def tiny_bert(**overrides):
     from transformers import BertConfig, BertForSequenceClassification
 
-    config = BertConfig(
+    settings = dict(
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=64,
@@ -59,7 +62,7 @@ def tiny_bert():
         num_labels=3,
         pad_token_id=0,
     )
-    return BertForSequenceClassification(config)
+    return BertForSequenceClassification(BertConfig(**{**settings, **overrides}))
 
 
 def tiny_vit(embed_dim: int = 48):
@@ -146,6 +149,15 @@ class TinyModule(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def run_ddp_script(script, out) -> None:
+    """Run a DDP test script (2 CPU ranks on gloo) as `python script OUT_DIR` in a subprocess; show its stderr."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, str(script), str(out)], cwd=out, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
 
 
 def fast_trainer(tmp_path=None, callbacks=(), max_steps: int = 2, **kwargs) -> pl.Trainer:

@@ -1,12 +1,9 @@
 """Compression under DDP: 2 CPU processes (gloo), launched as a script in a subprocess."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
-from conftest import TinyModule, loader_for
+from conftest import TinyModule, loader_for, run_ddp_script
 
 from prehab.callbacks import AASVD, SAESSVD, SVDLLM
 
@@ -14,11 +11,7 @@ SCRIPT = Path(__file__).parent / "ddp_compress_script.py"
 
 
 def test_ddp_ranks_identical_and_equal_to_single_process(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
+    run_ddp_script(SCRIPT, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert ranks[0]["world"] == 2
     loader = loader_for("llama", n=32, batch_size=4, seed=5)
@@ -48,12 +41,7 @@ def test_prehab_under_ddp_whitening_identical_and_equal_to_union(tmp_path):
     from prehab.linalg import damped_cholesky
     from prehab.module import PrehabModule
 
-    script = Path(__file__).parent / "ddp_prehab_script.py"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
+    run_ddp_script(Path(__file__).parent / "ddp_prehab_script.py", tmp_path)
     ranks = [torch.load(tmp_path / f"prehab_rank{r}.pt") for r in (0, 1)]
     assert len(ranks[0]["whitening"]) == 14
     for key, value in ranks[0]["whitening"].items():

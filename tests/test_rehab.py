@@ -2,15 +2,12 @@
 
 import copy
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import VOCAB, TinyModule, TokenData, fast_trainer, loader_for, tiny_llama
+from conftest import VOCAB, TinyModule, TokenData, fast_trainer, loader_for, run_ddp_script, tiny_llama
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -131,12 +128,7 @@ def test_drop_in_module_ends_compressed_and_rehabbed_better_than_without():
 
 
 def test_rehab_under_ddp_ends_bit_identical_on_both_ranks(tmp_path):
-    script = Path(__file__).parent / "ddp_rehab_script.py"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert run.returncode == 0, run.stderr[-4000:]
+    run_ddp_script(Path(__file__).parent / "ddp_rehab_script.py", tmp_path)
     ranks = [torch.load(tmp_path / f"rehab_rank{r}.pt") for r in (0, 1)]
     assert ranks[0]["world"] == 2 and ranks[0]["lowrank"] == 14
     assert ranks[0]["losses"] != ranks[1]["losses"]  # each rank trained on its own shard

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 import transformers
-from conftest import VOCAB, TinyModule, fast_trainer, loader_for
+from conftest import VOCAB, TinyModule, fast_trainer, loader_for, tiny_llama
 from test_two_stream import Recording  # AA-SVD that records the statistics each layer was solved from
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -151,18 +151,7 @@ def test_default_targets_of_a_partly_compressed_model_are_the_dense_layers():
 
 # -------------------------------------------------------------------------------------- item 10: tied weights
 def test_tied_lm_head_is_refused_naming_both_modules():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    llama = LlamaForCausalLM(config)
+    llama = tiny_llama(tie_word_embeddings=True)
     assert llama.lm_head.weight is llama.model.embed_tokens.weight
     batches = [{"input_ids": torch.randint(3, VOCAB, (2, 8))}]
     state = _state(llama)

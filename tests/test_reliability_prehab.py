@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import SEQ, TokenData, fast_trainer, tiny_llama
+from conftest import SEQ, TokenData, fast_trainer, tiny_bert, tiny_llama
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -198,20 +198,7 @@ def test_causal_lm_loss_and_perplexity_skip_padding():
 
 # ---------------------------------------------------------------------------------------------- 13: train mode
 def test_from_pretrained_backbone_trains_with_dropout_and_evaluate_restores_modes(tmp_path):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    config = BertConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        num_labels=3,
-        hidden_dropout_prob=0.2,
-        attention_probs_dropout_prob=0.1,
-    )
-    BertForSequenceClassification(config).save_pretrained(tmp_path / "tiny-bert")
+    tiny_bert(hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.1).save_pretrained(tmp_path / "tiny-bert")
 
     class Watched(PrehabModule):
         def training_step(self, batch, batch_idx):
