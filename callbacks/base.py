@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import os
 import time
 import warnings
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from prehab.calibration import collect_input_covariances, take_batches
+from prehab.checks import is_count, is_real
 from prehab.linalg import LowRankFactors, damped_cholesky, factor_params, output_error, rank_from_ratio
 from prehab.lowrank import (
     CHECKPOINT_KEY,
@@ -53,7 +53,7 @@ log = logging.getLogger("prehab")
 
 
 def _check_ratio(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 < value < 1.0:
+    if not (is_real(value) and 0.0 < value < 1.0):
         raise ValueError(
             f"{name}={value!r} is invalid: it is the fraction of parameters removed and must lie strictly "
             "between 0 and 1 (e.g. 0.4 removes 40%)."
@@ -68,13 +68,13 @@ def _check_flag(name: str, value: Any) -> bool:
 
 
 def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_count(value, 1):
         raise ValueError(f"{name}={value!r} is invalid: use an integer >= 1.")
     return value
 
 
 def _check_damping(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and value > 0):
+    if not (is_real(value) and value > 0):
         raise ValueError(f"damping={value!r} is invalid: use a small positive number such as 1e-6.")
     return float(value)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -15,6 +14,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from prehab.checks import is_real
 from prehab.lowrank import LowRankLinear, replace_module, save_compressed
 from prehab.report import StageReport, model_size
 
@@ -28,7 +28,7 @@ log = logging.getLogger("prehab")
 
 
 def _check_positive_number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value) and value > 0):
+    if not (is_real(value) and value > 0):
         raise ValueError(f"{name}={value!r} is invalid: use a positive number.")
     return float(value)
 
@@ -89,9 +89,9 @@ class LoRARehab(Callback):
         self.rank = _check_positive_int("rank", rank)
         self.alpha = _check_positive_number("alpha", alpha)
         self.lr = _check_positive_number("lr", lr)
-        if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0.0 <= dropout < 1.0:
+        if not (is_real(dropout) and 0.0 <= dropout < 1.0):
             raise ValueError(f"dropout={dropout!r} is invalid: use a probability in [0, 1).")
-        if isinstance(weight_decay, bool) or not isinstance(weight_decay, int | float) or not weight_decay >= 0:
+        if not (is_real(weight_decay) and weight_decay >= 0):
             raise ValueError(f"weight_decay={weight_decay!r} is invalid: use a number >= 0.")
         if isinstance(order, str) or not isinstance(order, Sequence) or not order:
             raise ValueError(f"order={order!r} is invalid: use a non-empty list of factors from {list(FACTORS)}.")

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
+from prehab.checks import is_real
 from prehab.linalg import LowRankFactors, aces_beta, damped_cholesky, solve_lowrank
 
 from .base import LowRankCompression
@@ -14,10 +15,6 @@ from .base import LowRankCompression
 __all__ = ["SAESSVD"]
 
 OBJECTIVES = ("ratio", "energy")
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 class SAESSVD(LowRankCompression):
@@ -49,20 +46,20 @@ class SAESSVD(LowRankCompression):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if beta is not None and not (_is_number(beta) and 0.0 <= beta <= 1.0):
+        if beta is not None and not (is_real(beta) and 0.0 <= beta <= 1.0):
             raise ValueError(
                 f"beta={beta!r} is invalid: use a number in [0, 1] (0 = SVD-LLM, 1 = AA-SVD) or None for ACES."
             )
-        if not (_is_number(beta_min) and _is_number(beta_max) and 0.0 <= beta_min <= beta_max <= 1.0):
+        if not (is_real(beta_min) and is_real(beta_max) and 0.0 <= beta_min <= beta_max <= 1.0):
             raise ValueError(
                 f"beta_min={beta_min!r}, beta_max={beta_max!r} are invalid: need numbers with "
                 "0 <= beta_min <= beta_max <= 1."
             )
         if objective not in OBJECTIVES:
             raise ValueError(f"objective={objective!r} is invalid; valid values: {', '.join(map(repr, OBJECTIVES))}.")
-        if not (_is_number(beta_cap) and 0.0 < beta_cap <= 1.0):
+        if not (is_real(beta_cap) and 0.0 < beta_cap <= 1.0):
             raise ValueError(f"beta_cap={beta_cap!r} is invalid: use a number in (0, 1], e.g. 0.95.")
-        if not (_is_number(beta_shrink) and 0.0 < beta_shrink <= 1.0):
+        if not (is_real(beta_shrink) and 0.0 < beta_shrink <= 1.0):
             raise ValueError(f"beta_shrink={beta_shrink!r} is invalid: use a number in (0, 1].")
         self.beta, self.beta_min, self.beta_max = beta, beta_min, beta_max
         self.objective, self.beta_cap, self.beta_shrink = objective, beta_cap, beta_shrink

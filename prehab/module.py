@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from prehab.calibration import collect_input_covariances, layer_weight
+from prehab.checks import is_count, is_real
 from prehab.evaluation import TokenPerplexity, causal_lm_labels, evaluating
 from prehab.linalg import damped_cholesky, rank_from_ratio
 from prehab.lowrank import LowRankCheckpointMixin
@@ -46,15 +47,6 @@ def resolve_model_path(model: str) -> str:
             )
         return str(folder)
     return model
-
-
-def _is_real(value: Any) -> bool:
-    """A finite int or float (not a bool, not NaN/Inf)."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_count(value: Any, minimum: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 def _check_arguments(
@@ -83,7 +75,7 @@ def _check_arguments(
     if task not in TASKS:
         raise ValueError(f"task={task!r} is invalid; valid values: {', '.join(map(repr, TASKS))}.")
     if num_labels is not None:
-        if not _is_count(num_labels, 1):
+        if not is_count(num_labels, 1):
             raise ValueError(f"num_labels={num_labels!r} is invalid: use a positive integer (the number of classes).")
         if task in ("sequence_classification", "image_classification") and num_labels < 2:
             raise ValueError(
@@ -98,12 +90,12 @@ def _check_arguments(
         raise ValueError(f"pretrained={pretrained!r} is invalid: use true or false.")
     if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
         raise ValueError(f"model_kwargs={model_kwargs!r} is invalid: use a dict of keyword arguments or None.")
-    if not _is_real(lam) or lam < 0:
+    if not is_real(lam) or lam < 0:
         raise ValueError(
             f"lam={lam!r} is invalid: the penalty weight must be a finite number >= 0 (0 = plain fine-tuning)."
         )
     for name, value in (("lam_warmup_steps", lam_warmup_steps), ("whitening_refresh_every", whitening_refresh_every)):
-        if not _is_count(value, 0):
+        if not is_count(value, 0):
             raise ValueError(f"{name}={value!r} is invalid: use an integer >= 0.")
     if layer_weights is not None:
         if not isinstance(layer_weights, Mapping):
@@ -117,7 +109,7 @@ def _check_arguments(
                 re.compile(pattern)
             except re.error as err:
                 raise ValueError(f"layer_weights key {pattern!r} is not a valid regex ({err}).") from err
-            if not _is_real(weight) or weight < 0:
+            if not is_real(weight) or weight < 0:
                 raise ValueError(
                     f"layer_weights[{pattern!r}]={weight!r} is invalid: weights must be finite numbers >= 0."
                 )
@@ -125,18 +117,18 @@ def _check_arguments(
         isinstance(targets, str) or (isinstance(targets, Sequence) and all(isinstance(t, str) for t in targets))
     ):
         raise ValueError(f"targets={targets!r} is invalid: use a regex string, a list of them, or None.")
-    if tail_ratio is not None and not (_is_real(tail_ratio) and 0 < tail_ratio < 1):
+    if tail_ratio is not None and not (is_real(tail_ratio) and 0 < tail_ratio < 1):
         raise ValueError(f"tail_ratio={tail_ratio!r} is invalid: use a fraction in (0, 1) or None.")
-    if not _is_count(calibration_batches, 1):
+    if not is_count(calibration_batches, 1):
         raise ValueError(f"calibration_batches={calibration_batches!r} is invalid: use an integer >= 1.")
-    if not (_is_real(penalty_fraction) and 0 < penalty_fraction <= 1):
+    if not (is_real(penalty_fraction) and 0 < penalty_fraction <= 1):
         raise ValueError(f"penalty_fraction={penalty_fraction!r} is invalid: use a fraction in (0, 1].")
-    if not (_is_real(damping) and damping > 0):
+    if not (is_real(damping) and damping > 0):
         raise ValueError(
             f"damping={damping!r} is invalid: use a small positive number such as 1e-6 (the first relative damping "
             "of a singular covariance; 0 or less never makes it positive definite)."
         )
-    if not (_is_real(lr) and lr > 0):
+    if not (is_real(lr) and lr > 0):
         raise ValueError(f"lr={lr!r} is invalid: use a positive learning rate such as 5e-5.")
 
 
