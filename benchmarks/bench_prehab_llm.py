@@ -1,0 +1,525 @@
+"""Prehab + surgery (+ LoRA rehab) against surgery alone on a real LLM: SmolLM2-135M, WikiText-2 and PTB.
+
+    python ../shared/tools/fetch_models.py --only smollm2                 # once: $PREHAB_ASSETS/smollm2-135m
+    python benchmarks/bench_prehab_llm.py --model $PREHAB_ASSETS/smollm2-135m --data ../shared/data --out OUT
+    python benchmarks/bench_prehab_llm.py --smoke --out /tmp/smoke        # tiny random model, about a minute
+
+The settings (model, penalty, learning rate, steps, data, calibration, rehab) come from a config that runs as it is
+with ``prehab fit --config configs/smollm2_prehab.yaml`` (one calibration draw of the same comparison); flags
+override the few things a CPU-sized run changes. Stages, each cached in ``OUT/rows.jsonl`` so an interrupted run
+resumes where it stopped (delete the file to start over):
+
+1. ``sweep``: fine-tune each candidate (λ = 0 and every ``--candidates`` penalty) for the same steps on the first
+   windows of WikiText-2 **valid**, compress with SVD-LLM at ``--sweep-ratios`` (calibration draw 0), and score
+   on the last ``--heldout-windows`` windows of valid, which no candidate trained on. The candidate with the
+   lowest mean held-out perplexity over the sweep ratios becomes "prehab"; λ = 0 is the "control". No test split
+   is looked at to choose.
+2. ``table``: models base (the pretrained model, no fine-tune), prehab, control; methods SVD-LLM (every ratio),
+   SAES-SVD and AA-SVD (``--two-stream-ratios``; AA-SVD on base only unless ``--aa-all``); ``--draws`` calibration
+   draws (the same windows for every model and method), WikiText-2 test and PTB test perplexity.
+3. ``rehab``: LoRA rehab on Alpaca (the config's LoRARehab settings) after SVD-LLM and SAES-SVD at
+   ``--rehab-ratios``, calibration draw 0, for every model.
+4. ``calibration``: SVD-LLM, AA-SVD and SAES-SVD at 0.2 on the base model with ``--calibration-sizes`` windows.
+
+``--report`` (also run at the end) writes ``OUT/results.md``, ``OUT/results.json``, ``OUT/rows.csv`` and
+``OUT/prehab_vs_surgery.png`` from whatever rows exist. Draw-0 compressed models are saved with
+``save_compressed`` under ``OUT/models/<model>/<method>-<ratio>`` (``--save none`` to skip), the fine-tuned dense
+models as plain Hugging Face folders under ``OUT/models/<model>/dense``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from prehab.callbacks import AASVD, SAESSVD, SVDLLM, LoRARehab
+from prehab.datamodules import PTB, Alpaca, WikiText
+from prehab.datamodules._common import TokenWindowDataset
+from prehab.evaluation import perplexity
+from prehab.lowrank import save_compressed
+from prehab.module import PrehabModule
+
+METHODS = {"svd_llm": SVDLLM, "saes_svd": SAESSVD, "aa_svd": AASVD}
+MODEL_ORDER = ("base", "control", "prehab")
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------------------------- settings
+def read_config(path: Path) -> dict[str, Any]:
+    """The parts of a ``prehab fit`` config this benchmark uses: PrehabModule's, WikiText's and LoRARehab's args."""
+    config = yaml.safe_load(path.read_text())
+    model = dict(config["model"])
+    data = dict(config["data"]["init_args"])
+    rehab = next(
+        (c["init_args"] for c in config["trainer"].get("callbacks", []) if c["class_path"].endswith("LoRARehab")), None
+    )
+    if rehab is None:
+        raise SystemExit(f"{path}: no LoRARehab callback in trainer.callbacks; the rehab rows need its settings.")
+    return {"model": model, "data": data, "rehab": dict(rehab), "max_steps": config["trainer"]["max_steps"]}
+
+
+def parse_candidate(text: str) -> dict[str, Any]:
+    """``"tail:0.1:0.4"`` -> regularizer tail, λ 0.1, tail_ratio 0.4; ``"stable_rank:0.01"``."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3):
+        raise SystemExit(f"--candidates {text!r}: use regularizer:lam or tail:lam:tail_ratio, e.g. stable_rank:0.01")
+    candidate = {"regularizer": parts[0], "lam": float(parts[1])}
+    if len(parts) == 3:
+        candidate["tail_ratio"] = float(parts[2])
+    return candidate
+
+
+def candidate_name(candidate: dict[str, Any]) -> str:
+    if candidate["lam"] == 0:
+        return "control"
+    name = f"{candidate['regularizer']}-{candidate['lam']:g}"
+    return name + (f"-r{candidate['tail_ratio']:g}" if "tail_ratio" in candidate else "")
+
+
+# ----------------------------------------------------------------------------------------------- results store
+class Rows:
+    """Results keyed by what produced them, appended to a JSON-lines file as they come (resumable)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: dict[str, dict[str, Any]] = {}
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    self.rows[row["key"]] = row
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.rows
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows[row["key"]] = row
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        shown = {k: v for k, v in row.items() if k not in ("key",)}
+        print(f"[row] {row['key']}: {shown}", flush=True)
+
+    def select(self, **where: Any) -> list[dict[str, Any]]:
+        return [r for r in self.rows.values() if all(r.get(k) == v for k, v in where.items())]
+
+
+# ----------------------------------------------------------------------------------------------- the benchmark
+class Benchmark:
+    def __init__(self, args: argparse.Namespace, settings: dict[str, Any]) -> None:
+        self.args, self.settings = args, settings
+        self.out = Path(args.out)
+        (self.out / "models").mkdir(parents=True, exist_ok=True)
+        self.rows = Rows(self.out / "rows.jsonl")
+        data = settings["data"]
+        self.seq_len = data["seq_len"]
+        self.batch_size = data["batch_size"]
+        self.wikitext = self.text_module(seed=0)
+        self.tokenizer = self.wikitext.tokenizer
+        valid = self.wikitext.windows("valid")
+        heldout = args.heldout_windows
+        if len(valid) <= heldout:
+            raise SystemExit(f"WikiText-2 valid has {len(valid)} windows of {self.seq_len}: lower --heldout-windows.")
+        self.train_windows = TokenWindowDataset(valid.tokens, valid.starts[:-heldout], self.seq_len)
+        self.heldout = TokenWindowDataset(valid.tokens, valid.starts[-heldout:], self.seq_len).as_tensor()
+        self.test = self.wikitext.windows("test", args.eval_windows).as_tensor()
+        ptb = PTB(dataset=str(Path(args.data) / "ptb"), tokenizer=self.tokenizer, seq_len=self.seq_len)
+        self.ptb = ptb.windows("test", args.eval_windows).as_tensor()
+        self.base_folder = settings["model"]["model"]
+
+    def text_module(self, seed: int, samples: int | None = None) -> WikiText:
+        data = self.settings["data"]
+        return WikiText(
+            dataset=str(Path(self.args.data) / "wikitext-2-raw"),
+            tokenizer=self.settings["model"]["model"] if not hasattr(self, "tokenizer") else self.tokenizer,
+            seq_len=data["seq_len"],
+            train_split="valid",
+            val_split="test",
+            calibration_split="valid",
+            calibration_samples=samples or self.args.calibration_windows,
+            batch_size=data["batch_size"],
+            seed=seed,
+        )
+
+    def calibration(self, draw: int, samples: int | None = None) -> list[dict[str, torch.Tensor]]:
+        """Calibration draw ``draw``: windows at seeded random offsets of valid, the same for every model/method."""
+        module = self.text_module(seed=draw, samples=samples)
+        module.setup("fit")
+        return list(module.calibration_dataloader())
+
+    # ------------------------------------------------------------------------------------------- models
+    def model_folder(self, name: str) -> str:
+        return self.base_folder if name == "base" else str(self.out / "models" / name / "dense")
+
+    def load(self, name: str) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.model_folder(name), dtype=torch.float32).eval()
+
+    def train(self, name: str, candidate: dict[str, Any]) -> None:
+        """Fine-tune the base model with ``candidate``'s penalty (λ = 0: the control) and save it as an HF folder."""
+        folder = Path(self.model_folder(name))
+        if (folder / "config.json").is_file():
+            return
+        model_args = {k: v for k, v in self.settings["model"].items() if k not in ("regularizer", "lam", "tail_ratio")}
+        model_args.update(candidate)
+        if candidate["lam"] == 0:
+            model_args["regularizer"] = "stable_rank"  # unused at λ = 0
+        pl.seed_everything(0)
+        module = PrehabModule(**model_args)
+        generator = torch.Generator().manual_seed(0)
+        loader = DataLoader(self.train_windows, batch_size=self.batch_size, shuffle=True, generator=generator)
+        trainer = pl.Trainer(
+            accelerator="auto",
+            max_steps=self.args.steps,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+        )
+        started = time.perf_counter()
+        trainer.fit(module, train_dataloaders=loader)
+        seconds = time.perf_counter() - started
+        folder.mkdir(parents=True, exist_ok=True)
+        module.model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        (folder / "prehab.json").write_text(
+            json.dumps({"candidate": candidate, "steps": self.args.steps, "lr": model_args.get("lr"),
+                        "tokens": self.args.steps * self.batch_size * self.seq_len, "seconds": seconds}, indent=2)
+        )
+
+    # ------------------------------------------------------------------------------------------- measurements
+    def ppl(self, model: torch.nn.Module, windows: torch.Tensor) -> float:
+        return perplexity(model, windows, batch_size=self.batch_size)
+
+    def dense_row(self, name: str, split: str) -> None:
+        key = f"{split}|{name}|dense"
+        if key in self.rows:
+            return
+        model = self.load(name)
+        params = sum(p.numel() for p in model.parameters())
+        if split == "heldout":
+            row = {"heldout_valid": self.ppl(model, self.heldout)}
+        else:
+            row = {"wikitext2": self.ppl(model, self.test), "ptb": self.ppl(model, self.ptb)}
+        self.rows.add({"key": key, "stage": split, "model": name, "method": "dense", "ratio": 0.0, "draw": None,
+                       "params": params, **row})
+
+    def surgery_rows(self, name: str, method: str, ratios: list[float], draw: int, split: str = "test",
+                     samples: int | None = None, stage: str = "table") -> None:
+        """Compress model ``name`` with ``method`` at each ratio (one statistics pass shared by one-stream ratios)."""
+        samples = samples or self.args.calibration_windows
+        keys = {r: f"{stage}|{name}|{method}|{r:g}|{draw}|{samples}" for r in ratios}
+        todo = [r for r in ratios if keys[r] not in self.rows]
+        if not todo:
+            return
+        dense = self.load(name)
+        loader = self.calibration(draw, samples)
+        shared: dict[str, Any] = {}
+        for ratio in todo:
+            model = copy.deepcopy(dense)
+            callback = METHODS[method](ratio=ratio, calibration_batches=len(loader), plots=False)
+            started = time.perf_counter()
+            report = callback.compress(model, loader, ratio=ratio, shared_statistics=shared, progress=False)
+            seconds = time.perf_counter() - started
+            totals = report.totals()
+            row = {"key": keys[ratio], "stage": stage, "model": name, "method": method, "ratio": ratio, "draw": draw,
+                   "calibration_tokens": samples * self.seq_len, "params": totals["model_params_after"],
+                   "mean_relative_error": totals["mean_relative_error"], "seconds": seconds}
+            if split == "heldout":
+                row["heldout_valid"] = self.ppl(model, self.heldout)
+            else:
+                row["wikitext2"] = self.ppl(model, self.test)
+                row["ptb"] = self.ppl(model, self.ptb)
+            if draw == 0 and stage == "table" and self.args.save == "draw0":
+                save_compressed(model, self.out / "models" / name / f"{method}-{ratio:g}",
+                                metadata={"calibration_draw": draw, "calibration_tokens": samples * self.seq_len})
+            self.rows.add(row)
+            del model
+
+    def rehab_row(self, name: str, method: str, ratio: float) -> None:
+        key = f"rehab|{name}|{method}|{ratio:g}|0"
+        if key in self.rows:
+            return
+        rehab_args = dict(self.settings["rehab"])
+        alpaca_args = dict(rehab_args.pop("datamodule")["init_args"])
+        alpaca_args["dataset"] = str(Path(self.args.data) / "alpaca" / Path(alpaca_args["dataset"]).name)
+        alpaca = Alpaca(tokenizer=self.tokenizer, **alpaca_args)
+        if self.args.rehab_steps is not None:
+            rehab_args["steps_per_factor"] = self.args.rehab_steps
+        loader = self.calibration(0)
+        module = PrehabModule(model=self.load(name), lam=0.0)
+        surgery = METHODS[method](ratio=ratio, calibration_batches=len(loader), calibration_dataloader=loader,
+                                  evaluate=False, plots=False, save_dense=False)
+        rehab = LoRARehab(datamodule=alpaca, evaluate=False, **rehab_args)
+        trainer = pl.Trainer(accelerator="auto", max_steps=0, logger=False, enable_checkpointing=False,
+                             enable_model_summary=False, callbacks=[surgery, rehab])
+        started = time.perf_counter()
+        trainer.fit(module, train_dataloaders=loader)
+        seconds = time.perf_counter() - started
+        model = module.model
+        row = {"key": key, "stage": "rehab", "model": name, "method": method, "ratio": ratio, "draw": 0,
+               "params": sum(p.numel() for p in model.parameters()), "seconds": seconds,
+               "rehab_tokens": len(rehab.order) * rehab.steps_per_factor * alpaca.batch_size * alpaca.cutoff_len,
+               "wikitext2": self.ppl(model, self.test), "ptb": self.ppl(model, self.ptb)}
+        if self.args.save == "draw0":
+            save_compressed(model, self.out / "models" / name / f"{method}-{ratio:g}-rehab")
+        self.rows.add(row)
+
+    # ------------------------------------------------------------------------------------------- stages
+    def sweep(self) -> str:
+        """Train every candidate, score it on held-out valid after SVD-LLM; returns the chosen candidate's name."""
+        candidates = [{"regularizer": "stable_rank", "lam": 0.0}] + [parse_candidate(c) for c in self.args.candidates]
+        scores = {}
+        for candidate in candidates:
+            name = candidate_name(candidate)
+            self.train(name, candidate)
+            self.dense_row(name, "heldout")
+            self.surgery_rows(name, "svd_llm", self.args.sweep_ratios, 0, split="heldout", stage="sweep")
+            rows = [r for r in self.rows.select(stage="sweep", model=name)]
+            scores[name] = statistics.fmean(math.log(r["heldout_valid"]) for r in rows)
+        self.dense_row("base", "heldout")
+        self.surgery_rows("base", "svd_llm", self.args.sweep_ratios, 0, split="heldout", stage="sweep")
+        penalties = {n: s for n, s in scores.items() if n != "control"}
+        chosen = min(penalties, key=penalties.get)
+        (self.out / "chosen.json").write_text(json.dumps({"prehab": chosen, "scores_mean_log_ppl": scores}, indent=2))
+        print(f"[sweep] chosen on held-out WikiText-2 valid: {chosen} (mean log ppl {scores})", flush=True)
+        return chosen
+
+    def chosen(self) -> str:
+        path = self.out / "chosen.json"
+        if not path.is_file():
+            raise SystemExit(f"{path} is missing: run the sweep stage first (--stages sweep ...).")
+        return json.loads(path.read_text())["prehab"]
+
+    def alias(self, chosen: str) -> dict[str, str]:
+        return {"base": "base", "control": "control", "prehab": chosen}
+
+    def table(self) -> None:
+        names = self.alias(self.chosen())
+        for label in MODEL_ORDER:
+            self.dense_row(names[label], "test")
+        for draw in range(self.args.draws):  # cheapest first, so an interrupted run has whole draws of SVD-LLM
+            for label in MODEL_ORDER:
+                self.surgery_rows(names[label], "svd_llm", self.args.ratios, draw)
+            for label in MODEL_ORDER:
+                self.surgery_rows(names[label], "saes_svd", self.args.two_stream_ratios, draw)
+            for label in MODEL_ORDER if self.args.aa_all else ("base",):
+                self.surgery_rows(names[label], "aa_svd", self.args.two_stream_ratios, draw)
+
+    def rehab(self) -> None:
+        names = self.alias(self.chosen())
+        for ratio in self.args.rehab_ratios:
+            for method in ("svd_llm", "saes_svd"):
+                for label in MODEL_ORDER:
+                    self.rehab_row(names[label], method, ratio)
+
+    def calibration_sizes(self) -> None:
+        for samples in self.args.calibration_sizes:
+            for method in ("svd_llm", "aa_svd", "saes_svd"):
+                self.surgery_rows("base", method, [0.2], 0, samples=samples, stage="calibration")
+
+
+# ----------------------------------------------------------------------------------------------- report
+def spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.2f} (n=1)"
+    half = (max(values) - min(values)) / 2
+    return f"{mean:.2f} ± {half:.2f} (n={len(values)})"
+
+
+def write_report(out: Path) -> None:
+    rows = Rows(out / "rows.jsonl")
+    all_rows = list(rows.rows.values())
+    chosen_path = out / "chosen.json"
+    chosen = json.loads(chosen_path.read_text()) if chosen_path.is_file() else {}
+    prehab = chosen.get("prehab")
+    label = {"base": "base (no fine-tune)", "control": "control (λ = 0 fine-tune)"}
+    if prehab:
+        label[prehab] = f"prehab ({prehab})"
+    lines = ["# Prehab + surgery vs surgery alone (SmolLM2-135M)", ""]
+    sweep = [r for r in all_rows if r["stage"] in ("sweep", "heldout")]
+    if sweep:
+        lines += ["## Sweep: held-out WikiText-2 valid perplexity after SVD-LLM (calibration draw 0)", "",
+                  "| model | dense | " + " | ".join(f"svd_llm {r:g}" for r in sorted({
+                      r["ratio"] for r in sweep if r["method"] != "dense"})) + " |"]
+        ratios = sorted({r["ratio"] for r in sweep if r["method"] != "dense"})
+        lines.append("|---" * (2 + len(ratios)) + "|")
+        for model in sorted({r["model"] for r in sweep}):
+            dense = [r for r in sweep if r["model"] == model and r["method"] == "dense"]
+            cells = [f"{dense[0]['heldout_valid']:.2f}" if dense else "-"]
+            for ratio in ratios:
+                hit = [r for r in sweep if r["model"] == model and r["method"] == "svd_llm" and r["ratio"] == ratio]
+                cells.append(f"{hit[0]['heldout_valid']:.2f}" if hit else "-")
+            mark = " (chosen)" if model == prehab else ""
+            lines.append(f"| {model}{mark} | " + " | ".join(cells) + " |")
+        lines.append("")
+    for stage, title in (("table", "Main table: WikiText-2 test / PTB test perplexity, mean ± half-range over "
+                                   "calibration draws"),
+                         ("rehab", "After LoRA rehab on Alpaca (calibration draw 0)"),
+                         ("calibration", "Calibration size (base model, ratio 0.2, draw 0)")):
+        picked = [r for r in all_rows if r["stage"] == stage or (stage == "table" and r["stage"] == "test")]
+        if not picked:
+            continue
+        lines += [f"## {title}", "", "| model | method | ratio | calibration tokens | params | WikiText-2 | PTB |",
+                  "|---|---|---|---|---|---|---|"]
+        groups: dict[tuple, list[dict[str, Any]]] = {}
+        for r in picked:
+            groups.setdefault((r["model"], r["method"], r["ratio"], r.get("calibration_tokens")), []).append(r)
+
+        def order(item: tuple) -> tuple:
+            model, method, ratio, tokens = item[0]
+            rank = {"base": 0, "control": 1}.get(model, 2)
+            return (ratio, tokens or 0, method != "dense", method, rank)
+
+        for (model, method, ratio, tokens), group in sorted(groups.items(), key=order):
+            lines.append(
+                f"| {label.get(model, model)} | {method} | {ratio:g} | {tokens or '-'} | {group[0]['params']:,} | "
+                f"{spread([g['wikitext2'] for g in group])} | {spread([g['ptb'] for g in group])} |"
+            )
+        lines.append("")
+    (out / "results.md").write_text("\n".join(lines))
+    (out / "results.json").write_text(json.dumps({"chosen": chosen, "rows": all_rows}, indent=2))
+    if all_rows:
+        fields = sorted({k for r in all_rows for k in r})
+        with (out / "rows.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(all_rows)
+    plot(all_rows, prehab, out / "prehab_vs_surgery.png")
+    print("\n".join(lines))
+
+
+def plot(rows: list[dict[str, Any]], prehab: str | None, path: Path) -> None:
+    table = [r for r in rows if r["stage"] == "table"]
+    if not table:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in ("svd_llm", "saes_svd") if any(r["method"] == m for r in table)]
+    figure, axes = plt.subplots(len(methods), 2, figsize=(10, 3.6 * len(methods)), squeeze=False)
+    for row_index, method in enumerate(methods):
+        for col, (metric, title) in enumerate((("wikitext2", "WikiText-2 test"), ("ptb", "PTB test"))):
+            axis = axes[row_index][col]
+            for model, style in (("base", "o-"), ("control", "s--"), (prehab, "^-")):
+                picked = [r for r in table if r["model"] == model and r["method"] == method]
+                ratios = sorted({r["ratio"] for r in picked})
+                if not ratios:
+                    continue
+                means, errors = [], []
+                for ratio in ratios:
+                    values = [r[metric] for r in picked if r["ratio"] == ratio]
+                    means.append(statistics.fmean(values))
+                    errors.append((max(values) - min(values)) / 2)
+                axis.errorbar(ratios, means, yerr=errors, fmt=style, capsize=3,
+                              label={"base": "surgery alone", "control": "λ = 0 fine-tune + surgery"}.get(
+                                  model, f"prehab ({model}) + surgery"))
+            axis.set_yscale("log")
+            axis.set_xlabel("fraction of block parameters removed")
+            axis.set_ylabel("perplexity")
+            axis.set_title(f"{method}: {title}")
+            axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+# ----------------------------------------------------------------------------------------------- smoke
+def smoke_setup(args: argparse.Namespace) -> dict[str, Any]:
+    """A tiny random Llama with a word-level tokenizer trained on WikiText-2 valid, saved as an HF folder."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from tiny_text_assets import tiny_llama, wikitext_tokenizer
+
+    folder = Path(args.out) / "tiny-llama"
+    if not (folder / "config.json").is_file():
+        tokenizer = wikitext_tokenizer(vocab_size=500)
+        model = tiny_llama(len(tokenizer))
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    settings = read_config(Path(args.config))
+    settings["model"].update(model=str(folder), calibration_batches=2, penalty_fraction=1.0)
+    settings["data"].update(seq_len=32, batch_size=2)
+    settings["rehab"].update(steps_per_factor=2)
+    settings["rehab"]["datamodule"]["init_args"].update(cutoff_len=32, batch_size=2)
+    args.steps, args.draws, args.eval_windows, args.calibration_windows = 3, 2, 4, 4
+    args.heldout_windows, args.rehab_steps = 4, 2
+    args.candidates = args.candidates[:1]
+    args.ratios, args.two_stream_ratios, args.sweep_ratios, args.rehab_ratios = [0.2, 0.4], [0.4], [0.4], [0.4]
+    args.calibration_sizes = [2, 4]
+    return settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO / "configs" / "smollm2_prehab.yaml"))
+    parser.add_argument("--model", help="SmolLM2-135M folder (default: the config's model)")
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"),
+                        help="folder with wikitext-2-raw, ptb, alpaca (default ../shared/data)")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "prehab_llm"))
+    parser.add_argument("--stages", nargs="+", default=["sweep", "table", "rehab"],
+                        choices=["sweep", "table", "rehab", "calibration"])
+    parser.add_argument("--report", action="store_true", help="only write the tables/plots from OUT/rows.jsonl")
+    parser.add_argument("--candidates", nargs="+", default=["stable_rank:0.01", "tail:0.1:0.4", "tail:1:0.4"],
+                        help="penalties tried in the sweep: regularizer:lam[:tail_ratio]")
+    parser.add_argument("--steps", type=int, help="fine-tune steps (default: the config's trainer.max_steps)")
+    parser.add_argument("--draws", type=int, default=3)
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4, 0.6])
+    parser.add_argument("--two-stream-ratios", type=float, nargs="+", default=[0.2, 0.4])
+    parser.add_argument("--sweep-ratios", type=float, nargs="+", default=[0.2, 0.4])
+    parser.add_argument("--rehab-ratios", type=float, nargs="+", default=[0.4])
+    parser.add_argument("--rehab-steps", type=int, help="LoRA steps per factor (default: the config's)")
+    parser.add_argument("--calibration-windows", type=int, help="default: the config's calibration_samples")
+    parser.add_argument("--calibration-sizes", type=int, nargs="+", default=[8, 32, 128])
+    parser.add_argument("--eval-windows", type=int, help="test windows per corpus (default: max_eval_windows)")
+    parser.add_argument("--heldout-windows", type=int, default=16, help="last valid windows kept for the sweep")
+    parser.add_argument("--aa-all", action="store_true", help="AA-SVD on every model, not only base")
+    parser.add_argument("--save", choices=["draw0", "none"], default="draw0")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (1 is steadier on a shared machine)")
+    parser.add_argument("--smoke", action="store_true", help="tiny random model, a few windows (for tests)")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if args.report:
+        write_report(out)
+        return
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.smoke:
+        settings = smoke_setup(args)
+    else:
+        settings = read_config(Path(args.config))
+        if args.model:
+            settings["model"]["model"] = args.model
+    args.steps = args.steps or settings["max_steps"]
+    args.calibration_windows = args.calibration_windows or settings["data"]["calibration_samples"]
+    args.eval_windows = args.eval_windows or settings["data"].get("max_eval_windows") or 24
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "settings.json").write_text(json.dumps({"args": vars(args), "settings": settings}, indent=2, default=str))
+    bench = Benchmark(args, settings)
+    for stage in ("sweep", "table", "rehab", "calibration"):
+        if stage in args.stages:
+            {"sweep": bench.sweep, "table": bench.table, "rehab": bench.rehab,
+             "calibration": bench.calibration_sizes}[stage]()
+            write_report(out)
+
+
+if __name__ == "__main__":
+    main()
