@@ -210,10 +210,10 @@ def _prepare(tasks: Any, data_dir: str | os.PathLike | None, num_fewshot: int = 
                 f"num_fewshot={num_fewshot} takes the examples from the training split, but task {task!r} has no "
                 f"{found / 'train.tsv'}: add it or use num_fewshot=0."
             )
-    # "prehab_*" names are ours: an unknown one needs no look-up in lm-eval's index (which takes seconds to build)
+    # "prehab_*" names are ours: an unknown one is reported without building lm-eval's index (seconds)
     unknown = [t for t in standard if t.startswith("prehab_")]
     manager = _task_manager(str(folder.resolve()), bool(standard) and not unknown, num_fewshot > 0)
-    unknown += [t for t in standard if t not in unknown and t not in manager.all_tasks]
+    unknown = unknown or [t for t in standard if t not in manager.all_tasks]
     if unknown:
         hints = []
         for task in unknown:

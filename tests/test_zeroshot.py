@@ -181,6 +181,16 @@ def test_data_dir_comes_from_the_environment(tmp_path, monkeypatch, model, token
     results = zero_shot(model, tokenizer, ["prehab_rte"])
     assert results["prehab_rte"]["acc"] in (0.0, 1 / 3, 2 / 3, 1.0)
     assert load_glue("prehab_rte")["validation"].num_rows == 3
+    with pytest.raises(FileNotFoundError, match=r"num_fewshot=1 takes the examples from the training split.*train.tsv"):
+        zero_shot(model, tokenizer, ["prehab_rte"], num_fewshot=1)
+
+
+@needs_glue
+def test_few_shot_takes_examples_from_the_training_split(model, tokenizer):
+    pytest.importorskip("lm_eval")
+    results = zero_shot(model, tokenizer, ["prehab_rte"], limit=2, num_fewshot=2, data_dir=SHARED_DATA)
+    assert results["prehab_rte"]["acc"] in (0.0, 0.5, 1.0)
+    assert load_glue("prehab_rte", SHARED_DATA, train=False)["train"].num_rows == 0
 
 
 def test_standard_task_without_the_hub_says_so(model, tokenizer, tmp_path, monkeypatch):
@@ -284,8 +294,11 @@ def test_callback_without_compression_scores_the_dense_model_with_the_module_tok
             super().__init__()
             self.model, self.tokenizer = model, tokenizer
 
+        def forward(self, input_ids, attention_mask=None):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
         def training_step(self, batch, batch_idx):
-            return self.model(input_ids=batch["input_ids"]).logits.mean()
+            return self(batch["input_ids"]).mean()
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.0)
