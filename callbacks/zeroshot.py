@@ -64,8 +64,11 @@ class ZeroShotEval(Callback):
         self.tokenizer = tokenizer
         self.data_dir = None if data_dir is None else str(data_dir)
         self.results: dict[str, dict[str, float]] = {}
+        self._resolved_tokenizer: Any = None
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        _language_model(pl_module)  # the model and the tokenizer are found now, not after the training
+        self._resolved_tokenizer = self._tokenizer(trainer, pl_module)
         position = trainer.callbacks.index(self)
         after = [c for c in trainer.callbacks[position + 1 :] if isinstance(c, LowRankCompression)]
         if after and trainer.is_global_zero:
@@ -81,7 +84,7 @@ class ZeroShotEval(Callback):
         if trainer.is_global_zero:
             results = zero_shot(
                 _language_model(pl_module),
-                self._tokenizer(trainer, pl_module),
+                self._resolved_tokenizer or self._tokenizer(trainer, pl_module),
                 self.tasks,
                 limit=self.limit,
                 batch_size=self.batch_size,
@@ -95,13 +98,19 @@ class ZeroShotEval(Callback):
             for name, value in values.items()
             if not name.endswith("_stderr")
         }
-        compression = _compression(trainer)
+        compression = self._compression(trainer)
         if compression is not None and compression.report is not None and compression.report.stages:
             compression.report.stages[-1].metrics.update(metrics)
             self._save_report(compression.report, compression.save_dir, compression.plots)
         self._log(trainer, metrics)
 
     # ------------------------------------------------------------------ helpers
+    def _compression(self, trainer: Trainer) -> LowRankCompression | None:
+        """The last compression callback before this one in the list (its report holds the model's stages)."""
+        before = trainer.callbacks[: trainer.callbacks.index(self)]
+        found = [c for c in before if isinstance(c, LowRankCompression)]
+        return found[-1] if found else None
+
     def _tokenizer(self, trainer: Trainer, pl_module: LightningModule) -> Any:
         from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -151,8 +160,3 @@ def _language_model(pl_module: LightningModule) -> Any:
         f"ZeroShotEval scores a Hugging Face causal LM, but {type(pl_module).__name__} is not one and has none "
         "at `.model` (PrehabModule keeps its backbone there)."
     )
-
-
-def _compression(trainer: Trainer) -> LowRankCompression | None:
-    found = [c for c in trainer.callbacks if isinstance(c, LowRankCompression)]
-    return found[-1] if found else None

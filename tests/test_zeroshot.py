@@ -310,3 +310,15 @@ def test_callback_without_compression_scores_the_dense_model_with_the_module_tok
     assert "ZeroShotEval comes before SVD" in caplog.text
     assert set(callback.results) == {"prehab_sst2"} and callback.results["prehab_sst2"]["acc"] in (0, 1 / 3, 2 / 3, 1)
     assert not any("zeroshot" in k for stage in trainer.callbacks[1].report.stages for k in stage.metrics)
+
+
+@needs_glue
+def test_callback_without_a_tokenizer_fails_at_fit_start():
+    pytest.importorskip("lm_eval")
+    from conftest import TinyModule, fast_trainer, loader_for
+
+    callback = ZeroShotEval(tasks=["prehab_sst2"], limit=2, data_dir=str(SHARED_DATA))
+    trainer = fast_trainer(callbacks=[SVD(ratio=0.5), callback], max_steps=1)
+    with pytest.raises(ValueError, match="ZeroShotEval found no tokenizer: pass tokenizer="):
+        trainer.fit(TinyModule("llama"), train_dataloaders=loader_for("llama", n=8))
+    assert trainer.global_step == 0 and callback.results == {}
