@@ -180,3 +180,12 @@ def fast_trainer(tmp_path=None, callbacks=(), max_steps: int = 2, **kwargs) -> p
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: thread start-up costs more than it saves (and much more on a shared CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -25,7 +25,7 @@ def load_script():
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "ptb").is_dir(), reason="needs ../shared/data")
-def test_smoke_runs_every_stage_and_saved_models_reproduce_the_table(tmp_path):
+def test_smoke_runs_every_stage_and_saved_models_reproduce_the_table(tmp_path, one_thread):
     bench = load_script()
     out = tmp_path / "out"
     bench.main(["--smoke", "--out", str(out), "--data", str(SHARED_DATA), "--stages", "sweep", "table", "rehab",

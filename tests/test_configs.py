@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-import torch
 from config_runner import TinyAssets, run_config
 from tiny_text_assets import SHARED_DATA
 
@@ -68,15 +67,6 @@ def test_cli_rejects_bad_values_with_the_argument_name():
 @pytest.fixture(scope="module")
 def tiny_assets(tmp_path_factory):
     return TinyAssets(tmp_path_factory.mktemp("tiny-assets"))
-
-
-@pytest.fixture
-def one_thread():
-    # The substitutes are tiny: thread start-up costs more than it saves (and much more on a shared CPU).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data folder {SHARED_DATA} is absent")
