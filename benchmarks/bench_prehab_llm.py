@@ -20,6 +20,8 @@ resumes where it stopped (delete the file to start over):
 3. ``rehab``: LoRA rehab on Alpaca (the config's LoRARehab settings) after SVD-LLM and SAES-SVD at
    ``--rehab-ratios``, calibration draw 0, for every model.
 4. ``calibration``: SVD-LLM, AA-SVD and SAES-SVD at 0.2 on the base model with ``--calibration-sizes`` windows.
+5. ``zeroshot``: zero-shot accuracy (``prehab.zeroshot``, lm-eval on the local GLUE tasks) of every saved draw-0
+   model (needs ``pip install 'prehab[zeroshot]'``).
 
 ``--report`` (also run at the end) writes ``OUT/results.md``, ``OUT/results.json``, ``OUT/rows.csv`` and
 ``OUT/prehab_vs_surgery.png`` from whatever rows exist. Draw-0 compressed models are saved with
@@ -311,20 +313,54 @@ class Benchmark:
         names = self.alias(self.chosen())
         for label in MODEL_ORDER:
             self.dense_row(names[label], "test")
+        methods = self.args.table_methods
         for draw in range(self.args.draws):  # cheapest first, so an interrupted run has whole draws of SVD-LLM
-            for label in MODEL_ORDER:
+            for label in MODEL_ORDER if "svd_llm" in methods else ():
                 self.surgery_rows(names[label], "svd_llm", self.args.ratios, draw)
-            for label in MODEL_ORDER:
+            for label in MODEL_ORDER if "saes_svd" in methods else ():
                 self.surgery_rows(names[label], "saes_svd", self.args.two_stream_ratios, draw)
-            for label in MODEL_ORDER if self.args.aa_all else ("base",):
+            for label in (MODEL_ORDER if self.args.aa_all else ("base",)) if "aa_svd" in methods else ():
                 self.surgery_rows(names[label], "aa_svd", self.args.two_stream_ratios, draw)
 
     def rehab(self) -> None:
         names = self.alias(self.chosen())
         for ratio in self.args.rehab_ratios:
-            for method in ("svd_llm", "saes_svd"):
+            for method in self.args.rehab_methods:
                 for label in MODEL_ORDER:
                     self.rehab_row(names[label], method, ratio)
+
+    def zeroshot(self) -> None:
+        """Zero-shot accuracy (lm-eval, local GLUE tasks) of every saved draw-0 model: dense, surgery, rehab."""
+        from prehab.lowrank import load_compressed
+        from prehab.zeroshot import zero_shot
+
+        names = self.alias(self.chosen())
+        for label in MODEL_ORDER:
+            name = names[label]
+            folders = [("dense", 0.0, None)] + [
+                (r["method"] + ("+rehab" if r["stage"] == "rehab" else ""), r["ratio"], r["stage"])
+                for r in sorted(self.rows.select(model=name), key=lambda r: (r["method"], r["ratio"]))
+                if r["stage"] in ("table", "rehab") and r["draw"] == 0
+            ]
+            for method, ratio, stage in folders:
+                key = f"zeroshot|{name}|{method}|{ratio:g}"
+                if key in self.rows:
+                    continue
+                if stage is None:
+                    model = self.load(name)
+                else:
+                    suffix = "-rehab" if stage == "rehab" else ""
+                    folder = self.out / "models" / name / f"{method.removesuffix('+rehab')}-{ratio:g}{suffix}"
+                    if not folder.is_dir():
+                        continue
+                    model = load_compressed(folder)
+                started = time.perf_counter()
+                scores = zero_shot(model, self.tokenizer, self.args.zeroshot_tasks, limit=self.args.zeroshot_limit,
+                                   batch_size=self.batch_size * 4, data_dir=self.args.data)
+                self.rows.add({"key": key, "stage": "zeroshot", "model": name, "method": method, "ratio": ratio,
+                               "draw": 0, "params": sum(p.numel() for p in model.parameters()),
+                               "seconds": time.perf_counter() - started,
+                               **{f"{task}/acc": values["acc"] for task, values in scores.items()}})
 
     def calibration_sizes(self) -> None:
         for samples in self.args.calibration_sizes:
@@ -392,6 +428,15 @@ def write_report(out: Path) -> None:
                 f"| {label.get(model, model)} | {method} | {ratio:g} | {tokens or '-'} | {group[0]['params']:,} | "
                 f"{spread([g['wikitext2'] for g in group])} | {spread([g['ptb'] for g in group])} |"
             )
+        lines.append("")
+    zeroshot = [r for r in all_rows if r["stage"] == "zeroshot"]
+    if zeroshot:
+        tasks = sorted({k for r in zeroshot for k in r if k.endswith("/acc")})
+        lines += ["## Zero-shot accuracy (lm-eval, calibration draw 0)", "",
+                  "| model | method | ratio | " + " | ".join(tasks) + " |", "|---" * (3 + len(tasks)) + "|"]
+        for r in sorted(zeroshot, key=lambda r: (r["ratio"], r["method"], r["model"])):
+            cells = " | ".join(f"{r[t]:.3f}" if t in r else "-" for t in tasks)
+            lines.append(f"| {label.get(r['model'], r['model'])} | {r['method']} | {r['ratio']:g} | {cells} |")
         lines.append("")
     (out / "results.md").write_text("\n".join(lines))
     (out / "results.json").write_text(json.dumps({"chosen": chosen, "rows": all_rows}, indent=2))
@@ -464,6 +509,7 @@ def smoke_setup(args: argparse.Namespace) -> dict[str, Any]:
     args.candidates = args.candidates[:1]
     args.ratios, args.two_stream_ratios, args.sweep_ratios, args.rehab_ratios = [0.2, 0.4], [0.4], [0.4], [0.4]
     args.calibration_sizes = [2, 4]
+    args.zeroshot_limit = 4
     return settings
 
 
@@ -475,13 +521,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="folder with wikitext-2-raw, ptb, alpaca (default ../shared/data)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "prehab_llm"))
     parser.add_argument("--stages", nargs="+", default=["sweep", "table", "rehab"],
-                        choices=["sweep", "table", "rehab", "calibration"])
+                        choices=["sweep", "table", "rehab", "calibration", "zeroshot"])
     parser.add_argument("--report", action="store_true", help="only write the tables/plots from OUT/rows.jsonl")
     parser.add_argument("--candidates", nargs="+", default=["stable_rank:0.01", "tail:0.1:0.4", "tail:1:0.4"],
                         help="penalties tried in the sweep: regularizer:lam[:tail_ratio]")
     parser.add_argument("--steps", type=int, help="fine-tune steps (default: the config's trainer.max_steps)")
     parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4, 0.6])
+    parser.add_argument("--table-methods", nargs="+", default=["svd_llm", "saes_svd", "aa_svd"], choices=METHODS)
+    parser.add_argument("--rehab-methods", nargs="+", default=["svd_llm", "saes_svd"], choices=METHODS)
     parser.add_argument("--two-stream-ratios", type=float, nargs="+", default=[0.2, 0.4])
     parser.add_argument("--sweep-ratios", type=float, nargs="+", default=[0.2, 0.4])
     parser.add_argument("--rehab-ratios", type=float, nargs="+", default=[0.4])
@@ -492,6 +540,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heldout-windows", type=int, default=16, help="last valid windows kept for the sweep")
     parser.add_argument("--aa-all", action="store_true", help="AA-SVD on every model, not only base")
     parser.add_argument("--save", choices=["draw0", "none"], default="draw0")
+    parser.add_argument("--zeroshot-tasks", nargs="+", default=["prehab_rte", "prehab_sst2"])
+    parser.add_argument("--zeroshot-limit", type=int, default=200, help="examples per zero-shot task")
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 is steadier on a shared machine)")
     parser.add_argument("--smoke", action="store_true", help="tiny random model, a few windows (for tests)")
     args = parser.parse_args(argv)
@@ -514,10 +564,10 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "settings.json").write_text(json.dumps({"args": vars(args), "settings": settings}, indent=2, default=str))
     bench = Benchmark(args, settings)
-    for stage in ("sweep", "table", "rehab", "calibration"):
+    for stage in ("sweep", "table", "rehab", "calibration", "zeroshot"):
         if stage in args.stages:
             {"sweep": bench.sweep, "table": bench.table, "rehab": bench.rehab,
-             "calibration": bench.calibration_sizes}[stage]()
+             "calibration": bench.calibration_sizes, "zeroshot": bench.zeroshot}[stage]()
             write_report(out)
 
 

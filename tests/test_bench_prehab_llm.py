@@ -29,10 +29,13 @@ def test_smoke_runs_every_stage_and_saved_models_reproduce_the_table(tmp_path, o
     bench = load_script()
     out = tmp_path / "out"
     bench.main(["--smoke", "--out", str(out), "--data", str(SHARED_DATA), "--stages", "sweep", "table", "rehab",
-                "calibration"])
+                "calibration", "zeroshot"])
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
     stages = {r["stage"] for r in rows}
-    assert {"heldout", "sweep", "test", "table", "rehab", "calibration"} <= stages
+    assert {"heldout", "sweep", "test", "table", "rehab", "calibration", "zeroshot"} <= stages
+    zeroshot = [r for r in rows if r["stage"] == "zeroshot"]
+    assert {r["method"] for r in zeroshot} >= {"dense", "svd_llm", "svd_llm+rehab", "saes_svd+rehab"}
+    assert all(0 <= r[f"{task}/acc"] <= 1 for r in zeroshot for task in ("prehab_rte", "prehab_sst2"))
     chosen = json.loads((out / "chosen.json").read_text())["prehab"]
     assert chosen != "control" and chosen in {r["model"] for r in rows}
 
@@ -64,7 +67,7 @@ def test_smoke_runs_every_stage_and_saved_models_reproduce_the_table(tmp_path, o
     assert not any(isinstance(m, LowRankLinear) for m in dense.modules())
 
     markdown = (out / "results.md").read_text()
-    for title in ("Sweep", "Main table", "After LoRA rehab", "Calibration size"):
+    for title in ("Sweep", "Main table", "After LoRA rehab", "Calibration size", "Zero-shot accuracy"):
         assert title in markdown
     assert "(chosen)" in markdown and "± " in markdown
     assert (out / "prehab_vs_surgery.png").stat().st_size > 10_000
