@@ -523,7 +523,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stages", nargs="+", default=["sweep", "table", "rehab"],
                         choices=["sweep", "table", "rehab", "calibration", "zeroshot"])
     parser.add_argument("--report", action="store_true", help="only write the tables/plots from OUT/rows.jsonl")
-    parser.add_argument("--candidates", nargs="+", default=["stable_rank:0.01", "tail:0.1:0.4", "tail:1:0.4"],
+    parser.add_argument("--candidates", nargs="+",
+                        default=["stable_rank:0.01", "tail:0.1:0.4", "tail:1:0.4", "tail:10:0.4"],
                         help="penalties tried in the sweep: regularizer:lam[:tail_ratio]")
     parser.add_argument("--steps", type=int, help="fine-tune steps (default: the config's trainer.max_steps)")
     parser.add_argument("--draws", type=int, default=3)
