@@ -5,6 +5,7 @@ fixed calibration set; evaluation loaders never repeat samples under DDP.
 """
 
 from .alpaca import Alpaca, alpaca_prompt
+from .fashion_mnist import FashionMNIST
 from .glue import GLUE, GLUE_TASKS
 from .imagenet import ImageNet
 from .stdlib_text import StdlibText
@@ -15,6 +16,7 @@ __all__ = [
     "GLUE_TASKS",
     "PTB",
     "Alpaca",
+    "FashionMNIST",
     "ImageNet",
     "StdlibText",
     "TextDataModule",

@@ -28,6 +28,7 @@ from ._common import (
     looks_like_local_path,
     require_local_dir,
     resolve_tokenizer,
+    seeded_sample_indices,
 )
 
 
@@ -153,6 +154,11 @@ class GLUE(SampledCalibrationMixin, pl.LightningDataModule):
             dataset name (``"nyu-mll/glue"``).
         max_length: Maximum tokens per example (truncation).
         calibration_samples: Number of training examples in the fixed calibration set.
+        heldout_samples: Training examples set aside (seeded) for ``heldout_dataloader()``, for choosing
+            hyperparameters without looking at the dev set; never trained or calibrated on (0: none).
+        max_train_samples: Train on a seeded subset of this size of the remaining examples (``None``: all);
+            for CPU-sized runs on the larger tasks.
+        max_eval_samples: Evaluate on a seeded subset of this size of each dev set (``None``: all).
         batch_size: Examples per batch.
         num_workers: DataLoader worker processes.
         pin_memory: Pin host memory for faster GPU transfer.
@@ -166,6 +172,9 @@ class GLUE(SampledCalibrationMixin, pl.LightningDataModule):
         dataset: str = "nyu-mll/glue",
         max_length: int = 128,
         calibration_samples: int = 128,
+        heldout_samples: int = 0,
+        max_train_samples: int | None = None,
+        max_eval_samples: int | None = None,
         batch_size: int = 32,
         num_workers: int = 0,
         pin_memory: bool = False,
@@ -176,6 +185,9 @@ class GLUE(SampledCalibrationMixin, pl.LightningDataModule):
         check_choice("task", task_key, GLUE_TASKS)
         check_positive_int("max_length", max_length, minimum=2)
         check_positive_int("calibration_samples", calibration_samples)
+        check_positive_int("heldout_samples", heldout_samples, minimum=0)
+        check_positive_int("max_train_samples", max_train_samples, allow_none=True)
+        check_positive_int("max_eval_samples", max_eval_samples, allow_none=True)
         check_loader_args(batch_size, num_workers, seed)
         self.task_dir = self._find_task_dir(dataset, GLUE_TASKS[task_key]) if looks_like_local_path(dataset) else None
         # Saved as "glue_task": Lightning logs the module's and the datamodule's hparams together and refuses
@@ -186,6 +198,9 @@ class GLUE(SampledCalibrationMixin, pl.LightningDataModule):
                 "dataset": dataset,
                 "max_length": max_length,
                 "calibration_samples": calibration_samples,
+                "heldout_samples": heldout_samples,
+                "max_train_samples": max_train_samples,
+                "max_eval_samples": max_eval_samples,
                 "batch_size": batch_size,
                 "num_workers": num_workers,
                 "pin_memory": pin_memory,
@@ -198,12 +213,16 @@ class GLUE(SampledCalibrationMixin, pl.LightningDataModule):
         self.dataset = dataset
         self.max_length = max_length
         self.calibration_samples = calibration_samples
+        self.heldout_samples = heldout_samples
+        self.max_train_samples = max_train_samples
+        self.max_eval_samples = max_eval_samples
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.seed = seed
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self.train_dataset = None
+        self.heldout_dataset = None
         self.eval_datasets: dict = {}
 
     @staticmethod
@@ -288,9 +307,26 @@ class GLUE(SampledCalibrationMixin, pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if stage in ("fit", None) and self.train_dataset is None:
-            self.train_dataset = self.tokenize_split("train")
+            full = self.tokenize_split("train")
+            if self.heldout_samples >= len(full):
+                raise ValueError(
+                    f"`heldout_samples`={self.heldout_samples} leaves no training example "
+                    f"({self.task} has {len(full)})."
+                )
+            order = seeded_sample_indices(len(full), len(full), self.seed)
+            heldout, rest = order[: self.heldout_samples], order[self.heldout_samples :]
+            if self.heldout_samples or self.max_train_samples is not None:
+                self.heldout_dataset = full.select(sorted(heldout))
+                self.train_dataset = full.select(sorted(rest[: self.max_train_samples]))
+            else:
+                self.train_dataset = full
         if stage in ("fit", "validate", "test", None) and not self.eval_datasets:
             self.eval_datasets = {name: self.tokenize_split(name) for name in self.eval_split_names}
+            if self.max_eval_samples is not None:
+                self.eval_datasets = {
+                    name: split.select(sorted(seeded_sample_indices(len(split), self.max_eval_samples, self.seed)))
+                    for name, split in self.eval_datasets.items()
+                }
 
     @property
     def collator(self) -> DataCollatorWithPadding:
@@ -308,3 +344,10 @@ class GLUE(SampledCalibrationMixin, pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader | list[DataLoader]:
         """The dev set(s): GLUE test labels are not public."""
         return self.val_dataloader()
+
+    def heldout_dataloader(self) -> DataLoader:
+        """The ``heldout_samples`` training examples set aside (fixed order)."""
+        if not self.heldout_samples:
+            raise ValueError("heldout_dataloader() needs heldout_samples > 0 (training examples set aside).")
+        self.setup("fit")
+        return self._eval_loader(self.heldout_dataset, self.collator)

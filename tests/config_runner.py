@@ -4,10 +4,12 @@ Only paths and sizes change; the config's structure (classes, callbacks, their o
 precision, the task) stays as shipped:
 
 * the model becomes a tiny folder written here: a 2-layer Llama (causal LM configs), a 2-layer BERT with the
-  config's ``num_labels`` (GLUE configs), or a tiny timm ViT whose "pretrained" weights are a local file (the
-  ImageNet config); the offline quickstart keeps its packaged ``prehab:byte-llama``;
+  config's ``num_labels`` (GLUE configs), a tiny timm ViT whose "pretrained" weights are a local file (the
+  ImageNet config), or a tiny 28x28 grayscale ViT timm folder for a ``timm:local-dir:`` model (the Fashion-MNIST
+  config); the offline quickstart keeps its packaged ``prehab:byte-llama``;
 * the data becomes a few rows in the config's own format, taken from ``../shared/data`` where it exists
-  (WikiText-2 lines, GLUE TSV rows, ImageNet sample images) and written in the GLUE layout otherwise;
+  (WikiText-2 lines, GLUE TSV rows, ImageNet sample images, the first Fashion-MNIST images when Debian's package is
+  installed, random IDX images otherwise) and written in the GLUE layout otherwise;
 * every callback's ``save_dir``/``dirpath`` and a logger's ``save_dir`` go under ``tmp_path``, and sizes found
   in any callback's ``init_args`` (``calibration_batches``, ``steps_per_factor``, ...) shrink, so a callback
   added to a config later is handled too; a datamodule inside a callback's arguments (LoRARehab's
@@ -26,6 +28,7 @@ from typing import Any
 
 import torch
 import yaml
+from tiny_image_assets import tiny_fashion_mnist, tiny_fashion_vit
 from tiny_text_assets import SHARED_DATA, word_level_tokenizer
 from tiny_text_assets import tiny_llama as tiny_llama_for
 
@@ -38,7 +41,7 @@ CALLBACK_SIZES = {"calibration_batches": 2, "steps_per_factor": 1, "max_steps": 
 # Datamodule init_args that are sizes, by class name (only those the class accepts).
 DATA_SIZES: dict[str, dict[str, Any]] = {
     "TextDataModule": {"seq_len": 32, "calibration_samples": 4, "max_eval_windows": 2, "batch_size": 2},
-    "GLUE": {"max_length": 32, "calibration_samples": 4, "batch_size": 4},
+    "GLUE": {"max_length": 32, "calibration_samples": 4, "batch_size": 4, "heldout_samples": 4, "max_eval_samples": 8},
     "ImageNet": {
         "calibration_samples": 2,
         "max_eval_samples": 4,
@@ -47,7 +50,17 @@ DATA_SIZES: dict[str, dict[str, Any]] = {
         "data_config": {"input_size": [3, 32, 32]},
     },
     "StdlibText": {"seq_len": 32, "batch_size": 2, "train_windows": 8, "calibration_samples": 4, "val_windows": 2},
+    "FashionMNIST": {
+        "heldout_samples": 8,
+        "train_samples": 32,
+        "max_eval_samples": 8,
+        "calibration_samples": 4,
+        "batch_size": 4,
+        "num_workers": 0,
+    },
 }
+# Sizes set only when the config sets them (subsets a config opts into), so other configs keep their data as is.
+OPTIONAL_SIZES = ("heldout_samples", "max_train_samples", "train_samples", "max_eval_samples")
 DATA_KINDS = {"WikiText": "TextDataModule", "PTB": "TextDataModule", "TextDataModule": "TextDataModule"}
 
 
@@ -63,6 +76,8 @@ class TinyAssets:
         self.imagenet = self._imagenet()
         self.llama = self._llama()
         self.vit_weights = self._vit()
+        self.fashion_mnist = tiny_fashion_mnist(root / "fashion-mnist")  # first images of the real files if installed
+        self.fashion_vit = tiny_fashion_vit(root / "tiny-fashion-vit")
 
     def _wikitext(self) -> Path:
         folder = self.root / "wikitext-2-raw"
@@ -233,6 +248,8 @@ def config_args(path: Path, assets: TinyAssets, out: Path) -> list[str]:
         args += _flag("model.model", assets.llama)
     elif task in ("sequence_classification", "regression"):
         args += _flag("model.model", assets.bert(model.get("num_labels") or 1))
+    elif task == "image_classification" and name.startswith("timm:local-dir:"):  # a timm folder (Fashion-MNIST ViT)
+        args += _flag("model.model", f"timm:local-dir:{assets.fashion_vit}")
     elif task == "image_classification":
         overlay = {"pretrained_cfg_overlay": {"file": str(assets.vit_weights)}}  # timm loads "pretrained" from it
         kwargs = {**(model.get("model_kwargs") or {}), **VIT_SHAPE, **overlay}
@@ -244,11 +261,15 @@ def config_args(path: Path, assets: TinyAssets, out: Path) -> list[str]:
         "TextDataModule": ("dataset", assets.wikitext),
         "GLUE": ("dataset", assets.glue),
         "ImageNet": ("root", assets.imagenet),
+        "FashionMNIST": ("root", assets.fashion_mnist),
     }
     if kind in source:
         args += _flag(f"data.init_args.{source[kind][0]}", source[kind][1])
     for key, value in DATA_SIZES.get(kind, {}).items():
-        args += _flag(f"data.init_args.{key}", value)
+        if key not in OPTIONAL_SIZES or key in data.get("init_args", {}):
+            args += _flag(f"data.init_args.{key}", value)
+    if kind == "FashionMNIST":
+        args += _flag("data.init_args.cache_dir", out / "fashion-mnist-cache")
     return args
 
 
