@@ -392,6 +392,7 @@ def write_report(out: Path) -> None:
     sweep = [r for r in all_rows if r["stage"] in ("sweep", "heldout")]
     if sweep:
         lines += ["## Sweep: held-out WikiText-2 valid perplexity after SVD-LLM (calibration draw 0)", "",
+                  "error: mean relative output error of the compressed layers on the calibration data.", "",
                   "| model | dense | " + " | ".join(f"svd_llm {r:g}" for r in sorted({
                       r["ratio"] for r in sweep if r["method"] != "dense"})) + " |"]
         ratios = sorted({r["ratio"] for r in sweep if r["method"] != "dense"})
@@ -401,7 +402,9 @@ def write_report(out: Path) -> None:
             cells = [f"{dense[0]['heldout_valid']:.2f}" if dense else "-"]
             for ratio in ratios:
                 hit = [r for r in sweep if r["model"] == model and r["method"] == "svd_llm" and r["ratio"] == ratio]
-                cells.append(f"{hit[0]['heldout_valid']:.2f}" if hit else "-")
+                error = hit[0].get("mean_relative_error") if hit else None
+                cells.append(f"{hit[0]['heldout_valid']:.2f} (error {error:.4f})" if error is not None else
+                             f"{hit[0]['heldout_valid']:.2f}" if hit else "-")
             mark = " (chosen)" if model == prehab else ""
             lines.append(f"| {model}{mark} | " + " | ".join(cells) + " |")
         lines.append("")
