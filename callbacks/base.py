@@ -506,7 +506,8 @@ class LowRankCompression(Callback):
             )
         if self.rank_allocation == "global":
             tick = time.perf_counter()
-            if self.two_stream:  # ranks are needed before block 0: one extra one-stream pass on the original model
+            cached = shared_statistics is not None and self._spectrum_key() in shared_statistics.get("spectra", {})
+            if self.two_stream and not cached:  # ranks are needed before block 0: one extra one-stream pass
                 stats = self._one_stream_statistics(model, targets, dataloader, rank, world_size, progress, None)[0]
             self._allocate(targets, plan, ratio, stats, shared_statistics)
             if self.two_stream:
@@ -695,6 +696,10 @@ class LowRankCompression(Callback):
         gram = w.mT @ w if w.shape[0] >= w.shape[1] else w @ w.mT
         return torch.linalg.eigvalsh(gram).clamp_min(0.0).sqrt().flip(0).cpu()
 
+    def _spectrum_key(self) -> tuple:
+        """Methods with the same key share spectra in a sweep (SVD's unwhitened ones differ from the others')."""
+        return (type(self).allocation_spectrum, self.damping)
+
     def _allocate(
         self,
         targets: dict[str, nn.Module],
@@ -706,7 +711,7 @@ class LowRankCompression(Callback):
         """Replace the uniform ``plan`` (in place) by ranks from :func:`~prehab.allocation.allocate_ranks` with the
         same parameter count. Layers that saw no calibration input keep their plan (they stay dense)."""
         cache = shared.setdefault("spectra", {}) if shared is not None else {}
-        key = (type(self).allocation_spectrum, self.damping)  # SVD's spectra differ from the whitened ones
+        key = self._spectrum_key()
         if key not in cache:
             spectra = {}
             for name, module in targets.items():
