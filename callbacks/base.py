@@ -174,7 +174,8 @@ class LowRankCompression(Callback):
             in (0, 1) and below ``1 - ratio``.
         allocation_weighting: how ``"global"`` weighs layers against each other: ``"relative"`` (each layer's
             tail energy relative to its total, i.e. its relative output error) or ``"raw"`` (absolute tail
-            energies: layers with large activations weigh more).
+            energies: layers with large activations weigh more). ``"relative"`` won on WikiText-2 valid (SmolLM2-135M,
+            SVD-LLM, 20% removed: perplexity 70.2 against 74.3 uniform and 711 raw).
         refine_steps: two-stream methods only: passes of Adam over the calibration batches after each block is
             factorized, adjusting that block's factors (nothing else) to reproduce the dense block's output
             (:mod:`prehab.refine`). 0: no refinement.
