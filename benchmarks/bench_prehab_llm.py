@@ -385,6 +385,7 @@ def write_report(out: Path) -> None:
                 f"{spread([g['wikitext2'] for g in group])} | {spread([g['ptb'] for g in group])} |"
             )
         lines.append("")
+    lines += paired_lines(all_rows, prehab)
     zeroshot = [r for r in all_rows if r["stage"] == "zeroshot"]
     if zeroshot:
         tasks = sorted({k for r in zeroshot for k in r if k.endswith("/acc")})
@@ -399,6 +400,35 @@ def write_report(out: Path) -> None:
     write_csv(all_rows, out / "rows.csv")
     plot(all_rows, prehab, out / "prehab_vs_surgery.png")
     print("\n".join(lines))
+
+
+def paired_lines(rows: list[dict[str, Any]], prehab: str | None) -> list[str]:
+    """Prehab's perplexity divided by the control's (and by surgery alone's) on the same calibration draw:
+    the draws move every model alike, so the per-draw ratio is what tells the penalty's effect apart."""
+    table = [dict(r, method=r["method"] + ("+rehab" if r["stage"] == "rehab" else ""))
+             for r in rows if r["stage"] in ("table", "rehab")]
+    by_key = {(r["model"], r["method"], r["ratio"], r["draw"]): r for r in table}
+    lines = ["## Paired: prehab / control and prehab / surgery alone, same calibration draw", "",
+             "Below 1: prehab is better. mean [min, max] over the draws both rows have.", "",
+             "| method | ratio | draws | WikiText-2 vs control | PTB vs control | WikiText-2 vs surgery alone "
+             "| PTB vs surgery alone |", "|---|---|---|---|---|---|---|"]
+    found = False
+    for method, ratio in sorted({(r["method"], r["ratio"]) for r in table if r["model"] == prehab}):
+        cells = []
+        draws = set()
+        for other in ("control", "base"):
+            for metric in ("wikitext2", "ptb"):
+                pairs = [(by_key[(prehab, method, ratio, d)][metric], by_key[(other, method, ratio, d)][metric])
+                         for (m, me, ra, d) in by_key if m == prehab and me == method and ra == ratio
+                         and (other, method, ratio, d) in by_key]
+                draws |= {len(pairs)}
+                quotients = [a / b for a, b in pairs]
+                cells.append(
+                    f"{statistics.fmean(quotients):.3f} [{min(quotients):.3f}, {max(quotients):.3f}]" if pairs else "-"
+                )
+        found = True
+        lines.append(f"| {method} | {ratio:g} | {min(draws)} | " + " | ".join(cells) + " |")
+    return lines + [""] if found else []
 
 
 def plot(rows: list[dict[str, Any]], prehab: str | None, path: Path) -> None:
