@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import json
 import math
 import statistics
@@ -47,12 +46,16 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from prehab.callbacks import AASVD, SAESSVD, SVDLLM, LoRARehab
-from prehab.datamodules import PTB, Alpaca, WikiText
-from prehab.datamodules._common import TokenWindowDataset
-from prehab.evaluation import perplexity
-from prehab.lowrank import save_compressed
-from prehab.module import PrehabModule
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (benchmarks/ is not a package; the pieces shared with the GLUE and ViT benchmarks)
+from common import Rows, candidate_name, parse_candidate, pyplot, write_csv  # noqa: E402
+
+from prehab.callbacks import AASVD, SAESSVD, SVDLLM, LoRARehab  # noqa: E402
+from prehab.datamodules import PTB, Alpaca, WikiText  # noqa: E402
+from prehab.datamodules._common import TokenWindowDataset  # noqa: E402
+from prehab.evaluation import perplexity  # noqa: E402
+from prehab.lowrank import save_compressed  # noqa: E402
+from prehab.module import PrehabModule  # noqa: E402
 
 METHODS = {"svd_llm": SVDLLM, "saes_svd": SAESSVD, "aa_svd": AASVD}
 MODEL_ORDER = ("base", "control", "prehab")
@@ -71,51 +74,6 @@ def read_config(path: Path) -> dict[str, Any]:
     if rehab is None:
         raise SystemExit(f"{path}: no LoRARehab callback in trainer.callbacks; the rehab rows need its settings.")
     return {"model": model, "data": data, "rehab": dict(rehab), "max_steps": config["trainer"]["max_steps"]}
-
-
-def parse_candidate(text: str) -> dict[str, Any]:
-    """``"tail:0.1:0.4"`` -> regularizer tail, λ 0.1, tail_ratio 0.4; ``"stable_rank:0.01"``."""
-    parts = text.split(":")
-    if len(parts) not in (2, 3):
-        raise SystemExit(f"--candidates {text!r}: use regularizer:lam or tail:lam:tail_ratio, e.g. stable_rank:0.01")
-    candidate = {"regularizer": parts[0], "lam": float(parts[1])}
-    if len(parts) == 3:
-        candidate["tail_ratio"] = float(parts[2])
-    return candidate
-
-
-def candidate_name(candidate: dict[str, Any]) -> str:
-    if candidate["lam"] == 0:
-        return "control"
-    name = f"{candidate['regularizer']}-{candidate['lam']:g}"
-    return name + (f"-r{candidate['tail_ratio']:g}" if "tail_ratio" in candidate else "")
-
-
-# ----------------------------------------------------------------------------------------------- results store
-class Rows:
-    """Results keyed by what produced them, appended to a JSON-lines file as they come (resumable)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.rows: dict[str, dict[str, Any]] = {}
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    row = json.loads(line)
-                    self.rows[row["key"]] = row
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.rows
-
-    def add(self, row: dict[str, Any]) -> None:
-        self.rows[row["key"]] = row
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
-        shown = {k: v for k, v in row.items() if k not in ("key",)}
-        print(f"[row] {row['key']}: {shown}", flush=True)
-
-    def select(self, **where: Any) -> list[dict[str, Any]]:
-        return [r for r in self.rows.values() if all(r.get(k) == v for k, v in where.items())]
 
 
 # ----------------------------------------------------------------------------------------------- the benchmark
@@ -370,13 +328,8 @@ class Benchmark:
 
 # ----------------------------------------------------------------------------------------------- report
 def spread(values: list[float]) -> str:
-    if not values:
-        return "-"
-    mean = statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.2f} (n=1)"
-    half = (max(values) - min(values)) / 2
-    return f"{mean:.2f} ± {half:.2f} (n={len(values)})"
+    """``mean ± half-range (n=k)``, with ``(n=1)`` too: the tables mix rows of one and of several draws."""
+    return common.spread(values, digits=2) + (" (n=1)" if len(values) == 1 else "")
 
 
 def write_report(out: Path) -> None:
@@ -392,6 +345,7 @@ def write_report(out: Path) -> None:
     sweep = [r for r in all_rows if r["stage"] in ("sweep", "heldout")]
     if sweep:
         lines += ["## Sweep: held-out WikiText-2 valid perplexity after SVD-LLM (calibration draw 0)", "",
+                  "error: mean relative output error of the compressed layers on the calibration data.", "",
                   "| model | dense | " + " | ".join(f"svd_llm {r:g}" for r in sorted({
                       r["ratio"] for r in sweep if r["method"] != "dense"})) + " |"]
         ratios = sorted({r["ratio"] for r in sweep if r["method"] != "dense"})
@@ -401,7 +355,9 @@ def write_report(out: Path) -> None:
             cells = [f"{dense[0]['heldout_valid']:.2f}" if dense else "-"]
             for ratio in ratios:
                 hit = [r for r in sweep if r["model"] == model and r["method"] == "svd_llm" and r["ratio"] == ratio]
-                cells.append(f"{hit[0]['heldout_valid']:.2f}" if hit else "-")
+                error = hit[0].get("mean_relative_error") if hit else None
+                cells.append(f"{hit[0]['heldout_valid']:.2f} (error {error:.4f})" if error is not None else
+                             f"{hit[0]['heldout_valid']:.2f}" if hit else "-")
             mark = " (chosen)" if model == prehab else ""
             lines.append(f"| {model}{mark} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -429,6 +385,7 @@ def write_report(out: Path) -> None:
                 f"{spread([g['wikitext2'] for g in group])} | {spread([g['ptb'] for g in group])} |"
             )
         lines.append("")
+    lines += paired_lines(all_rows, prehab)
     zeroshot = [r for r in all_rows if r["stage"] == "zeroshot"]
     if zeroshot:
         tasks = sorted({k for r in zeroshot for k in r if k.endswith("/acc")})
@@ -440,25 +397,45 @@ def write_report(out: Path) -> None:
         lines.append("")
     (out / "results.md").write_text("\n".join(lines))
     (out / "results.json").write_text(json.dumps({"chosen": chosen, "rows": all_rows}, indent=2))
-    if all_rows:
-        fields = sorted({k for r in all_rows for k in r})
-        with (out / "rows.csv").open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(all_rows)
+    write_csv(all_rows, out / "rows.csv")
     plot(all_rows, prehab, out / "prehab_vs_surgery.png")
     print("\n".join(lines))
+
+
+def paired_lines(rows: list[dict[str, Any]], prehab: str | None) -> list[str]:
+    """Prehab's perplexity divided by the control's (and by surgery alone's) on the same calibration draw:
+    the draws move every model alike, so the per-draw ratio is what tells the penalty's effect apart."""
+    table = [dict(r, method=r["method"] + ("+rehab" if r["stage"] == "rehab" else ""))
+             for r in rows if r["stage"] in ("table", "rehab")]
+    by_key = {(r["model"], r["method"], r["ratio"], r["draw"]): r for r in table}
+    lines = ["## Paired: prehab / control and prehab / surgery alone, same calibration draw", "",
+             "Below 1: prehab is better. mean [min, max] over the draws both rows have.", "",
+             "| method | ratio | draws | WikiText-2 vs control | PTB vs control | WikiText-2 vs surgery alone "
+             "| PTB vs surgery alone |", "|---|---|---|---|---|---|---|"]
+    found = False
+    for method, ratio in sorted({(r["method"], r["ratio"]) for r in table if r["model"] == prehab}):
+        cells = []
+        draws = set()
+        for other in ("control", "base"):
+            for metric in ("wikitext2", "ptb"):
+                pairs = [(by_key[(prehab, method, ratio, d)][metric], by_key[(other, method, ratio, d)][metric])
+                         for (m, me, ra, d) in by_key if m == prehab and me == method and ra == ratio
+                         and (other, method, ratio, d) in by_key]
+                draws |= {len(pairs)}
+                quotients = [a / b for a, b in pairs]
+                cells.append(
+                    f"{statistics.fmean(quotients):.3f} [{min(quotients):.3f}, {max(quotients):.3f}]" if pairs else "-"
+                )
+        found = True
+        lines.append(f"| {method} | {ratio:g} | {min(draws)} | " + " | ".join(cells) + " |")
+    return lines + [""] if found else []
 
 
 def plot(rows: list[dict[str, Any]], prehab: str | None, path: Path) -> None:
     table = [r for r in rows if r["stage"] == "table"]
     if not table:
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     methods = [m for m in ("svd_llm", "saes_svd") if any(r["method"] == m for r in table)]
     figure, axes = plt.subplots(len(methods), 2, figsize=(10, 3.6 * len(methods)), squeeze=False)
     for row_index, method in enumerate(methods):

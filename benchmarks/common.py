@@ -1,4 +1,4 @@
-"""Pieces shared by the prehab-vs-surgery benchmarks (copied from ``bench_prehab_llm.py``, which keeps its own):
+"""Pieces shared by the prehab-vs-surgery benchmarks (LLM, GLUE, ViT):
 the resumable results store, penalty candidates, mean ± half-range formatting and the saved-models layout."""
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ logging and saving live here once.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -23,6 +24,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from prehab.allocation import allocate_ranks
 from prehab.calibration import collect_input_covariances, take_batches
 from prehab.checks import is_count, is_real
 from prehab.linalg import LowRankFactors, damped_cholesky, factor_params, output_error, rank_from_ratio
@@ -35,6 +37,7 @@ from prehab.lowrank import (
     save_compressed,
 )
 from prehab.pipeline import GroupStatistics, sequential_compress
+from prehab.refine import refine_block
 from prehab.report import CompressionReport, LayerReport, StageReport, SweepRow, model_size
 from prehab.rollback import RollbackStore
 from prehab.targets import find_blocks, resolve_targets
@@ -44,6 +47,8 @@ from .steps import validation_metrics
 __all__ = ["Evaluator", "LowRankCompression", "METHOD_NAMES", "make_evaluator"]
 
 METHOD_NAMES = ("svd", "svd_llm", "aa_svd", "saes_svd")
+RANK_ALLOCATIONS = ("uniform", "global")
+ALLOCATION_WEIGHTINGS = ("relative", "raw")
 DEFAULT_RATIO = 0.4
 SPECTRUM_LAYERS = 4  # layers whose whitened spectra the report plots
 
@@ -160,6 +165,22 @@ class LowRankCompression(Callback):
         save_dense: with ``save_dir``, also save the dense model before surgery (nothing of the training is lost
             if the surgery fails).
         plots: with ``save_dir``, write the PNG plots (matplotlib).
+        rank_allocation: ``"uniform"``: every layer keeps the same fraction ``1 - ratio`` of its parameters.
+            ``"global"``: per-layer ranks that minimize the predicted total loss (each layer's whitened tail
+            energy ``Σ_{i>r} σ_i(W L)²``, weighed by ``allocation_weighting``) with at most the parameters that
+            ``"uniform"`` keeps in the targeted layers; a layer may stay dense when that is cheaper than the
+            rank it would get. Spectra come from the original model's input covariances (two-stream methods
+            pay one extra one-stream calibration pass for them, reported as ``allocation`` seconds).
+        min_kept_fraction: with ``"global"``, the least fraction of its parameters any factorized layer keeps,
+            in (0, 1) and below ``1 - ratio``.
+        allocation_weighting: how ``"global"`` weighs layers against each other: ``"relative"`` (each layer's
+            tail energy relative to its total, i.e. its relative output error) or ``"raw"`` (absolute tail
+            energies: layers with large activations weigh more). ``"relative"`` won on WikiText-2 valid (SmolLM2-135M,
+            SVD-LLM, 20% removed: perplexity 70.2 against 74.3 uniform and 711 raw).
+        refine_steps: two-stream methods only: passes of Adam over the calibration batches after each block is
+            factorized, adjusting that block's factors (nothing else) to reproduce the dense block's output
+            (:mod:`prehab.refine`). 0: no refinement.
+        refine_lr: Adam's learning rate for ``refine_steps``.
     """
 
     method: ClassVar[str] = "lowrank"
@@ -181,6 +202,11 @@ class LowRankCompression(Callback):
         evaluate: bool = True,
         save_dense: bool = True,
         plots: bool = True,
+        rank_allocation: str = "uniform",
+        min_kept_fraction: float = 0.1,
+        allocation_weighting: str = "relative",
+        refine_steps: int = 0,
+        refine_lr: float = 1e-4,
     ) -> None:
         if ratio is not None and ratios is not None:
             raise ValueError(
@@ -221,6 +247,39 @@ class LowRankCompression(Callback):
                 f"calibration_dataloader={calibration_dataloader!r} is not iterable: pass a DataLoader or a list "
                 "of batches."
             )
+        if rank_allocation not in RANK_ALLOCATIONS:
+            raise ValueError(
+                f"rank_allocation={rank_allocation!r} is invalid; valid values: "
+                f"{', '.join(map(repr, RANK_ALLOCATIONS))}."
+            )
+        if not (is_real(min_kept_fraction) and 0.0 < min_kept_fraction < 1.0):
+            raise ValueError(
+                f"min_kept_fraction={min_kept_fraction!r} is invalid: it is the least fraction of its parameters a "
+                "layer keeps under rank_allocation='global' and must lie strictly between 0 and 1 (e.g. 0.1)."
+            )
+        if rank_allocation == "global" and min_kept_fraction >= 1.0 - max(self.ratios):
+            raise ValueError(
+                f"min_kept_fraction={min_kept_fraction!r} is invalid with ratio {max(self.ratios)!r}: every layer "
+                f"would keep more than the {1.0 - max(self.ratios):g} of the parameters the budget allows; use a "
+                "min_kept_fraction below 1 - ratio."
+            )
+        if allocation_weighting not in ALLOCATION_WEIGHTINGS:
+            raise ValueError(
+                f"allocation_weighting={allocation_weighting!r} is invalid; valid values: "
+                f"{', '.join(map(repr, ALLOCATION_WEIGHTINGS))}."
+            )
+        if not is_count(refine_steps, 0):
+            raise ValueError(f"refine_steps={refine_steps!r} is invalid: use an integer >= 0 (0: no refinement).")
+        if refine_steps and not self.two_stream:
+            raise ValueError(
+                f"refine_steps={refine_steps!r} needs a two-stream method (AASVD, SAESSVD, or SVDLLM with "
+                f"propagate=True); {type(self).__name__} has no original stream to refine against. Use refine_steps=0."
+            )
+        if not (is_real(refine_lr) and refine_lr > 0):
+            raise ValueError(f"refine_lr={refine_lr!r} is invalid: use a small positive learning rate such as 1e-4.")
+        self.rank_allocation, self.min_kept_fraction = rank_allocation, float(min_kept_fraction)
+        self.allocation_weighting = allocation_weighting
+        self.refine_steps, self.refine_lr = refine_steps, float(refine_lr)
         self.damping = _check_damping(damping)
         self.verbose = _check_flag("verbose", verbose)
         self.evaluate = _check_flag("evaluate", evaluate)
@@ -255,6 +314,9 @@ class LowRankCompression(Callback):
             "calibration_batches": self.calibration_batches,
             "blocks": self.blocks,
             "damping": self.damping,
+            "rank_allocation": self.rank_allocation,
+            "min_kept_fraction": self.min_kept_fraction,
+            "allocation_weighting": self.allocation_weighting,
             "evaluate": False,
             "plots": False,
         }
@@ -371,7 +433,7 @@ class LowRankCompression(Callback):
                 report = method.compress(
                     model, dataloader, rank, world_size, progress, ratio=ratio, shared_statistics=shared, rollback=store
                 )
-                for name, module in dense.items():  # one-stream runs (and dense-kept layers) are not in it yet
+                for name, module in dense.items():  # layers a one-stream run replaced are not in it yet
                     if name not in store and model.get_submodule(name) is not module:
                         store.put(name, module)
                 metrics = evaluator() if evaluator is not None else {}
@@ -430,7 +492,8 @@ class LowRankCompression(Callback):
         dataloader = self._reusable(dataloader)
         params_before = sum(p.numel() for p in model.parameters())
         reports: dict[str, LayerReport] = {}
-        timer = {"solve": 0.0}
+        timer = {"solve": 0.0, "allocation": 0.0, "refinement": 0.0}
+        refinements: list[dict[str, Any]] = []
         self._spectra = {}
         if self.plots and not self._spectrum_names:
             self._spectrum_names = _spectrum_layers(list(targets))
@@ -450,6 +513,36 @@ class LowRankCompression(Callback):
             return replacements
 
         samples = 0
+        stats = None
+        if not self.two_stream:
+            stats, samples = self._one_stream_statistics(
+                model, targets, dataloader, rank, world_size, progress, shared_statistics
+            )
+        if self.rank_allocation == "global":
+            tick = time.perf_counter()
+            cached = shared_statistics is not None and self._spectrum_key() in shared_statistics.get("spectra", {})
+            if self.two_stream and not cached:  # ranks are needed before block 0: one extra one-stream pass
+                stats = self._one_stream_statistics(model, targets, dataloader, rank, world_size, progress, None)[0]
+            self._allocate(targets, plan, ratio, stats, shared_statistics)
+            if self.two_stream:
+                stats = None  # the pass's statistics are not kept: memory stays at one block
+            timer["allocation"] = time.perf_counter() - tick
+
+        def refine(name: str, block: nn.Module, factors: list, run: Callable, target: Callable, count: int) -> None:
+            result = refine_block(block, factors, run, target, count, self.refine_steps, self.refine_lr, name)
+            timer["refinement"] += result.seconds
+            refinements.append(dataclasses.asdict(result))
+            if self.verbose:
+                log.info(
+                    "%s: refined %s in %d steps: block-output error %.4g -> %.4g%s",
+                    self.method,
+                    name,
+                    result.steps,
+                    result.error_before,
+                    result.error_after,
+                    "" if result.kept else " (not better: factors put back)",
+                )
+
         if self.two_stream:
             batches = list(take_batches(dataloader, self.calibration_batches, rank, world_size))
 
@@ -459,14 +552,19 @@ class LowRankCompression(Callback):
                 return solve_group(group.names, group.as_dict(), group.count)
 
             unused = sequential_compress(
-                model, targets, batches, solve_shared, self.blocks, progress, self.method, rollback=rollback
+                model,
+                targets,
+                batches,
+                solve_shared,
+                self.blocks,
+                progress,
+                self.method,
+                refine=refine if self.refine_steps else None,
+                rollback=rollback,
             )
             for name in unused:
                 solve_group([name], None, 0)
         else:
-            stats, samples = self._one_stream_statistics(
-                model, targets, dataloader, rank, world_size, progress, shared_statistics
-            )
             solutions: dict[str, nn.Module] = {}
             bar = tqdm(targets, desc=f"{self.method}: factorizing", disable=not progress, unit="layer")
             for name in bar:  # everything is solved before anything is swapped
@@ -477,6 +575,15 @@ class LowRankCompression(Callback):
 
         layers = [reports[name] for name in targets]
         total = time.perf_counter() - started
+        seconds = {
+            "calibration": total - timer["solve"] - timer["allocation"] - timer["refinement"],
+            "factorization": timer["solve"],
+            "total": total,
+        }
+        if self.rank_allocation == "global":
+            seconds["allocation"] = timer["allocation"]
+        if self.refine_steps:
+            seconds["refinement"] = timer["refinement"]
         report = CompressionReport(
             method=self.method,
             ratio=ratio,
@@ -484,8 +591,10 @@ class LowRankCompression(Callback):
             model_params_before=params_before,
             model_params_after=sum(p.numel() for p in model.parameters()),
             calibration_samples=samples,
-            seconds={"calibration": total - timer["solve"], "factorization": timer["solve"], "total": total},
+            seconds=seconds,
             spectra=self._spectra,
+            rank_allocation=self.rank_allocation,
+            refinement=refinements,
         )
         self.report = report
         return report
@@ -592,6 +701,68 @@ class LowRankCompression(Callback):
             note,
         )
         return layer_report, LowRankLinear.from_factors(factors.up, factors.down, bias, like=weight)
+
+    def allocation_spectrum(self, weight: Tensor, stats: dict[str, Tensor]) -> Tensor:
+        """Singular values whose tail energy is the layer's predicted loss at a rank: ``σ(W L)`` with ``L Lᵀ = G``
+        (the original model's input covariance), or ``σ(W)`` without statistics."""
+        w = weight.detach().double()
+        if "G" in stats:
+            w = w @ damped_cholesky(stats["G"], initial_damping=self.damping).factor.to(w.device)
+        gram = w.mT @ w if w.shape[0] >= w.shape[1] else w @ w.mT
+        return torch.linalg.eigvalsh(gram).clamp_min(0.0).sqrt().flip(0).cpu()
+
+    def _spectrum_key(self) -> tuple:
+        """Methods with the same key share spectra in a sweep (SVD's unwhitened ones differ from the others')."""
+        return (type(self).allocation_spectrum, self.damping)
+
+    def _allocate(
+        self,
+        targets: dict[str, nn.Module],
+        plan: dict[str, tuple[int | None, str]],
+        ratio: float,
+        stats: dict[str, dict[str, Tensor]] | None,
+        shared: dict[str, Any] | None,
+    ) -> None:
+        """Replace the uniform ``plan`` (in place) by ranks from :func:`~prehab.allocation.allocate_ranks` with the
+        same parameter count. Layers that saw no calibration input keep their plan (they stay dense)."""
+        cache = shared.setdefault("spectra", {}) if shared is not None else {}
+        key = self._spectrum_key()
+        if key not in cache:
+            spectra = {}
+            for name, module in targets.items():
+                layer_stats = stats.get(name) if stats else None
+                if layer_stats is None and self.requires_calibration:
+                    continue
+                spectra[name] = self.allocation_spectrum(dense_weight(module), layer_stats or {})
+            cache[key] = spectra
+        spectra = cache[key]
+        names = [name for name in targets if name in spectra]
+        if not names:
+            return
+        shapes = [tuple(dense_weight(targets[name]).shape) for name in names]
+        budget = sum(
+            m * n if plan[name][0] is None else factor_params(m, n, plan[name][0])
+            for name, (m, n) in zip(names, shapes, strict=True)
+        )
+        weights = None
+        if self.allocation_weighting == "relative":
+            energy = [float((spectra[name].double() ** 2).sum()) for name in names]
+            weights = [1.0 / e if e > 0 else 0.0 for e in energy]
+        allocation = allocate_ranks([spectra[n] for n in names], shapes, budget, self.min_kept_fraction, weights)
+        for name, layer_rank in zip(names, allocation.ranks, strict=True):
+            if layer_rank is None:
+                plan[name] = (None, "kept dense: global rank allocation (cheaper than the rank it would get)")
+            else:
+                plan[name] = (layer_rank, "")
+        if self.verbose:
+            log.info(
+                "%s: global rank allocation at ratio %g: %d params (budget %d), predicted loss %.4g",
+                self.method,
+                ratio,
+                allocation.params,
+                budget,
+                allocation.loss,
+            )
 
     def _plan_layer(self, module: nn.Module, ratio: float) -> tuple[int | None, str]:
         out_features, in_features = dense_weight(module).shape

@@ -23,3 +23,7 @@ class SVD(LowRankCompression):
 
     def solve_layer(self, name: str, weight: Tensor, rank: int, stats: dict[str, Tensor]) -> LowRankFactors:
         return solve_lowrank(weight, rank)
+
+    def allocation_spectrum(self, weight: Tensor, stats: dict[str, Tensor]) -> Tensor:
+        """Plain SVD loses ``Σ_{i>r} σ_i(W)²`` (unwhitened), so that is what ``rank_allocation="global"`` weighs."""
+        return super().allocation_spectrum(weight, {})

@@ -26,11 +26,11 @@ class SVDLLM(LowRankCompression):
     method = "svd_llm"
 
     def __init__(self, propagate: bool = False, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
         if not isinstance(propagate, bool):
             raise ValueError(f"propagate={propagate!r} is invalid: use true (two-stream) or false (one pass).")
         self.propagate = propagate
-        self.two_stream = propagate
+        self.two_stream = propagate  # before the base's checks: refine_steps needs the two streams
+        super().__init__(**kwargs)
 
     def solve_layer(self, name: str, weight: Tensor, rank: int, stats: dict[str, Tensor]) -> LowRankFactors:
         whitening = stats["H"] if self.propagate else stats["G"]

@@ -31,6 +31,7 @@ early-exit forwards).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,15 +43,19 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from prehab.calibration import calibration_forward
-from prehab.lowrank import dense_weight, replace_module
+from prehab.lowrank import LowRankLinear, dense_weight, replace_module
 from prehab.rollback import RollbackStore
 from prehab.stats import RunningCovariance, all_reduce_sum_, calibration_forward_context
 from prehab.targets import find_block_stacks
 
-__all__ = ["GroupStatistics", "sequential_compress"]
+__all__ = ["BlockRefiner", "GroupStatistics", "sequential_compress"]
 
 # solve(group statistics) -> {layer name: replacement module}; layers left out stay dense.
 GroupSolver = Callable[["GroupStatistics"], dict[str, nn.Module]]
+# refine(block name, block, its factors, run(b) -> compressed output, target(b) -> dense output, batches)
+BlockRefiner = Callable[
+    [str, nn.Module, list[nn.Parameter], Callable[[int], Tensor], Callable[[int], Tensor], int], None
+]
 
 # Block inputs that legitimately differ per block (or hold no per-layer meaning) in the kwargs check.
 _PER_CALL_INPUTS = frozenset(
@@ -104,6 +109,9 @@ class _Runner:
 
     def store(self, value: Any) -> Any:
         return move_data_to_device(value, "cpu") if self.offload else value
+
+    def load(self, value: Any) -> Any:
+        return move_data_to_device(value, self.device) if self.offload else value
 
     def __call__(self, stage: nn.Module, inputs: Any) -> Any:
         inputs = move_data_to_device(inputs, self.device) if self.offload else inputs
@@ -522,6 +530,7 @@ def sequential_compress(
     blocks: str | None = None,
     progress: bool = True,
     desc: str = "two-stream",
+    refine: BlockRefiner | None = None,
     rollback: RollbackStore | None = None,
 ) -> list[str]:
     """Compress ``targets`` block by block from two calibration streams, calling ``solve`` per group.
@@ -536,6 +545,10 @@ def sequential_compress(
             stage (per-layer early-exit forwards).
         progress: show a progress bar.
         desc: the progress bar's label.
+        refine: called once per block after its layers are swapped in, with the block's low-rank factors
+            and the two streams (compressed block on the shifted inputs, dense block on the original ones),
+            before the shifted stream is propagated to the next block (see :mod:`prehab.refine`). Models
+            without a repeated block are not refined (a warning says so).
         rollback: where finished blocks' dense modules go (see the module doc); default: a store of this
             call, closed at the end. A caller's store is left holding them after a success (a ratio sweep
             restores the dense model from it) and is restored from on failure.
@@ -566,6 +579,12 @@ def sequential_compress(
             cleanup.callback(store.close)
         try:
             if not stacks:
+                if refine is not None:
+                    warnings.warn(
+                        "block refinement needs a repeated block list and this model has none: the factors are "
+                        "not refined. Pass blocks= to name the block list.",
+                        stacklevel=2,
+                    )
                 runner = _Runner(whole_model=True, device=device, offload=False)
                 with tqdm(total=1, desc=f"{desc}: blocks", disable=not progress, unit="block") as bar:
                     unused, _ = _compress_stage(
@@ -582,7 +601,7 @@ def sequential_compress(
             with tqdm(total=total, desc=f"{desc}: blocks", disable=not progress, unit="block") as bar:
                 for (name, stack), last in work:
                     unused += _compress_stack(
-                        model, name, stack, last, targets, batches, runner, originals, solve, bar, store
+                        model, name, stack, last, targets, batches, runner, originals, solve, bar, store, refine
                     )
             return unused
         except BaseException:
@@ -610,6 +629,7 @@ def _compress_stack(
     solve: GroupSolver,
     bar: tqdm,
     store: RollbackStore,
+    refine: BlockRefiner | None = None,
 ) -> list[str]:
     # Earlier stacks' dense layers (e.g. the encoder's, for the decoder's inputs) come back for this one pass.
     with store.loaded() as earlier, _dense(model, {**earlier, **originals}, ""):
@@ -628,6 +648,25 @@ def _compress_stack(
             model, block, prefix, block_targets, (original_inputs, shifted_inputs), runner, originals, solve, more
         )
         unused += missing
+        factors = [
+            p
+            for full_name in originals
+            if full_name.startswith(prefix) and isinstance(model.get_submodule(full_name), LowRankLinear)
+            for p in (model.get_submodule(full_name).up.weight, model.get_submodule(full_name).down.weight)
+        ]
+        if refine is not None and factors:
+            if next_original is None:
+                with _dense(model, originals, prefix[:-1]):
+                    next_original = [runner.store(_hidden(runner(block, inp)).detach()) for inp in original_inputs]
+            dense_out = next_original
+            refine(
+                prefix[:-1],
+                block,
+                factors,
+                lambda b, _block=block, _inputs=shifted_inputs: _hidden(runner(_block, _inputs[b])),
+                lambda b, _out=dense_out: runner.load(_out[b]),
+                len(shifted_inputs),
+            )
         bar.update()
         if more:
             with _dense(model, originals, prefix[:-1]):

@@ -38,6 +38,7 @@ def save_plots(report: CompressionReport, folder: str | Path) -> list[Path]:
         ("stages", _stages),
         ("ratios", _ratios),
         ("layers", _layers),
+        ("allocation", _allocation),
         ("spectra", _spectra),
     ):
         figure = draw(plt, report)
@@ -121,6 +122,30 @@ def _layers(plt, report: CompressionReport):
             bottom.set_yscale("log")
     bottom.set_ylabel("relative output error")
     bottom.set_xticks(list(x), [_short(layer.name) for layer in layers], rotation=90, fontsize=6)
+    return figure
+
+
+def _allocation(plt, report: CompressionReport):
+    """Kept fraction by block (columns) and layer type (rows), for a global rank allocation."""
+    if report.rank_allocation != "global":
+        return None
+    cells: dict[tuple[str, int], float] = {}
+    for layer in report.layers:
+        match = re.search(r"(?:^|\.)(\d+)\.(.+)$", layer.name)
+        if match and layer.params_before:
+            cells[(match.group(2), int(match.group(1)))] = layer.params_after / layer.params_before
+    if not cells:
+        return None
+    kinds = list(dict.fromkeys(kind for kind, _ in cells))
+    blocks = sorted({block for _, block in cells})
+    grid = [[cells.get((kind, block), math.nan) for block in blocks] for kind in kinds]
+    figure, axis = plt.subplots(figsize=(max(6, 0.3 * len(blocks) + 3), max(2.5, 0.4 * len(kinds) + 1.5)))
+    image = axis.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
+    axis.set_xticks(range(len(blocks)), [str(b) for b in blocks], fontsize=7)
+    axis.set_yticks(range(len(kinds)), kinds, fontsize=7)
+    axis.set_xlabel("block")
+    figure.colorbar(image, ax=axis, label="kept fraction of params (1: dense)")
+    axis.set_title(f"{report.method}: global rank allocation at ratio {report.ratio:g}")
     return figure
 
 

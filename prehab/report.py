@@ -6,7 +6,12 @@ plots (:mod:`prehab.plots`). Printed as rich tables at the end of a run.
 ``report.json`` schema (``"schema": "prehab.report"``, ``"version": 1``):
 
 - ``method``, ``ratio`` (the ratio the model ends at), ``ratios`` (every ratio run), ``calibration_samples``;
-- ``seconds``: the surgery's ``calibration``, ``factorization`` and ``total`` seconds;
+- ``seconds``: the surgery's ``calibration``, ``factorization`` and ``total`` seconds, plus ``allocation`` (with
+  ``rank_allocation="global"``: spectra and allocation, and for two-stream methods the extra one-stream pass)
+  and ``refinement`` (with ``refine_steps``) when used;
+- ``rank_allocation``: ``"uniform"`` or ``"global"``;
+- ``refinement``: one entry per refined block ``{block, steps, error_before, error_after, kept, seconds}``
+  (relative block-output errors on the calibration data); empty without refinement;
 - ``totals``: layer and parameter counts of the targeted layers and of the whole model (see :meth:`totals`);
 - ``stages``: one entry per stage the model went through, in order: ``before_prehab`` (before the fit),
   ``dense`` (after prehab / fine-tuning), the surgery (named by the method), ``rehab`` (after LoRA) — each
@@ -134,6 +139,8 @@ class CompressionReport:
     stages: list[StageReport] = field(default_factory=list)
     sweep: list[SweepRow] = field(default_factory=list)
     spectra: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rank_allocation: str = "uniform"
+    refinement: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def metrics(self) -> dict[str, dict[str, float]]:
@@ -179,12 +186,14 @@ class CompressionReport:
                 "ratio": self.ratio,
                 "ratios": self.ratios,
                 "calibration_samples": self.calibration_samples,
+                "rank_allocation": self.rank_allocation,
                 "seconds": self.seconds,
                 "totals": self.totals(),
                 "stages": [asdict(stage) for stage in self.stages],
                 "sweep": [asdict(row) for row in self.sweep],
                 "layers": [asdict(layer) for layer in self.layers],
                 "spectra": self.spectra,
+                "refinement": self.refinement,
             }
         )
 
@@ -251,9 +260,11 @@ class CompressionReport:
             f"{100 * totals['target_ratio_removed']:.1f}% removed; {self.calibration_samples:,} calibration rows"
         )
         table = Table(
-            title=f"prehab compression: {self.method}, ratio {self.ratio:g}", caption=caption, show_footer=True
+            title=f"prehab compression: {self.method}, ratio {self.ratio:g}, {self.rank_allocation} ranks",
+            caption=caption,
+            show_footer=True,
         )
-        columns = ["layer", "shape", "rank", "params before", "params after", "rel. error", "damping"]
+        columns = ["layer", "shape", "rank", "kept", "params before", "params after", "rel. error", "damping"]
         columns += ["beta"] if show_beta else []
         columns += ["note"]
         footers = {
@@ -278,6 +289,7 @@ class CompressionReport:
                 layer.name,
                 f"{layer.out_features}x{layer.in_features}",
                 "dense" if layer.rank is None else str(layer.rank),
+                _number(layer.params_after / layer.params_before if layer.params_before else None, ".3f"),
                 f"{layer.params_before:,}",
                 f"{layer.params_after:,}",
                 _number(layer.relative_error, ".3g"),
@@ -327,7 +339,11 @@ class CompressionReport:
             f"Whole model {totals['model_params_before']:,} -> {totals['model_params_after']:,} parameters "
             f"({100 * totals['model_ratio_removed']:.1f}% removed; targeted layers "
             f"{100 * totals['target_ratio_removed']:.1f}% removed). Calibration: {self.calibration_samples:,} rows "
-            f"per layer. Surgery: {self.seconds.get('total', 0.0):.1f} s.",
+            f"per layer. Ranks: {self.rank_allocation}. Surgery: {self.seconds.get('total', 0.0):.1f} s"
+            + "".join(
+                f", {key} {self.seconds[key]:.1f} s" for key in ("allocation", "refinement") if key in self.seconds
+            )
+            + ".",
             "",
             "## Stages",
             "",
@@ -358,8 +374,24 @@ class CompressionReport:
                 lines += _markdown_table(["method", *[f"{r:g} removed" for r in self.ratios]], cells)
         show_beta = any(layer.beta is not None for layer in self.layers)
         lines += ["", "## Layers", ""]
-        header = ["layer", "shape", "rank", "params before", "params after", "rel. error", "damping"]
+        header = ["layer", "shape", "rank", "kept", "params before", "params after", "rel. error", "damping"]
         lines += _markdown_table([*header, *(["beta"] if show_beta else []), "note"], self._layer_rows(show_beta))
+        if self.refinement:
+            lines += ["", "## Block refinement", ""]
+            lines += _markdown_table(
+                ["block", "steps", "error before", "error after", "kept", "seconds"],
+                [
+                    [
+                        r["block"],
+                        str(r["steps"]),
+                        _number(r["error_before"], ".4g"),
+                        _number(r["error_after"], ".4g"),
+                        "yes" if r["kept"] else "no (not better)",
+                        _number(r["seconds"], ".2f"),
+                    ]
+                    for r in self.refinement
+                ],
+            )
         if images:
             lines += ["", "## Plots", ""] + [f"![{Path(image).stem}]({image})" for image in images]
         return "\n".join(lines) + "\n"

@@ -67,9 +67,14 @@ def test_smoke_runs_every_stage_and_saved_models_reproduce_the_table(tmp_path, o
     assert not any(isinstance(m, LowRankLinear) for m in dense.modules())
 
     markdown = (out / "results.md").read_text()
-    for title in ("Sweep", "Main table", "After LoRA rehab", "Calibration size", "Zero-shot accuracy"):
+    for title in ("Sweep", "Main table", "After LoRA rehab", "Calibration size", "Zero-shot accuracy", "Paired"):
         assert title in markdown
     assert "(chosen)" in markdown and "± " in markdown
+    # the paired quotient: prehab's PTB perplexity over the control's on the same draw, averaged over draws
+    ptb = {(r["model"], r["draw"]): r["ptb"] for r in table if r["method"] == "svd_llm" and r["ratio"] == 0.4}
+    quotients = [ptb[(chosen, d)] / ptb[("control", d)] for d in (0, 1)]
+    line = next(x for x in markdown.splitlines() if x.startswith("| svd_llm | 0.4 | 2 |"))
+    assert line.split(" | ")[4].startswith(f"{sum(quotients) / 2:.3f} [{min(quotients):.3f}, {max(quotients):.3f}]")
     assert (out / "prehab_vs_surgery.png").stat().st_size > 10_000
     assert (out / "rows.csv").read_text().count("\n") == len({r["key"] for r in rows}) + 1
 

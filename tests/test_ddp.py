@@ -31,6 +31,13 @@ def test_ddp_ranks_identical_and_equal_to_single_process(tmp_path):
                     zero[key] @ zero[down], reference[key] @ reference[down], rtol=1e-4, atol=1e-5
                 )
     assert ranks[0]["samples"] == 8 * 4 * 16  # the all-reduced count covers both shards
+    zero, one = ranks[0]["states"]["aa_svd_global_refined"], ranks[1]["states"]["aa_svd_global_refined"]
+    assert all(torch.equal(zero[key], one[key]) for key in zero)  # refinement steps agree across ranks
+    single = TinyModule("llama")
+    AASVD(ratio=0.5, calibration_batches=8, rank_allocation="global").compress(single, loader, progress=False)
+    shapes = {k: v.shape for k, v in single.state_dict().items()}
+    assert {k: v.shape for k, v in zero.items()} == shapes  # the same ranks as one process over all batches
+    assert len({v.shape for k, v in zero.items() if k.endswith("down.weight")}) > 2  # heterogeneous ranks
 
 
 def test_prehab_under_ddp_whitening_identical_and_equal_to_union(tmp_path):
