@@ -39,6 +39,7 @@ from prehab.lowrank import (
 from prehab.pipeline import GroupStatistics, sequential_compress
 from prehab.refine import refine_block
 from prehab.report import CompressionReport, LayerReport, StageReport, SweepRow, model_size
+from prehab.rollback import RollbackStore
 from prehab.targets import find_blocks, resolve_targets
 
 from .steps import validation_metrics
@@ -422,14 +423,19 @@ class LowRankCompression(Callback):
         runs = [(METHODS[name](**self.method_kwargs()), ratio) for name in self.compare for ratio in self.ratios]
         runs += [(self, ratio) for ratio in self.ratios]
         dense = resolve_targets(model, self.targets, self.blocks)
+        # The dense layers a run replaced wait off the model's device (host memory or a temporary file).
+        store = RollbackStore(dense_weight(next(iter(dense.values()))).device)
         shared: dict[str, Any] = {}  # one-stream statistics, collected by the first run that needs them
         rows = []
         try:
             for index, (method, ratio) in enumerate(runs):
                 final = index == len(runs) - 1
                 report = method.compress(
-                    model, dataloader, rank, world_size, progress, ratio=ratio, shared_statistics=shared
+                    model, dataloader, rank, world_size, progress, ratio=ratio, shared_statistics=shared, rollback=store
                 )
+                for name, module in dense.items():  # layers a one-stream run replaced are not in it yet
+                    if name not in store and model.get_submodule(name) is not module:
+                        store.put(name, module)
                 metrics = evaluator() if evaluator is not None else {}
                 totals = report.totals()
                 rows.append(
@@ -444,10 +450,12 @@ class LowRankCompression(Callback):
                     )
                 )
                 if not final:
-                    _restore(model, dense)
+                    _restore(model, dense, store)
         except BaseException:
-            _restore(model, dense)
+            _restore(model, dense, store)
             raise
+        finally:
+            store.close()
         report.sweep = rows
         return report
 
@@ -460,12 +468,17 @@ class LowRankCompression(Callback):
         progress: bool = True,
         ratio: float | None = None,
         shared_statistics: dict[str, Any] | None = None,
+        rollback: RollbackStore | None = None,
     ) -> CompressionReport:
         """Compress ``model`` in place at ``ratio`` (default: the last of ``ratios``) and return the report.
 
         Nothing is modified until every layer's factors are computed and checked, so a failure leaves
         the model exactly as it was. ``shared_statistics`` (a dict, filled on first use) lets several
         one-stream compressions of the same dense model share one statistics pass.
+
+        Two-stream methods move each finished block's replaced dense layers to ``rollback`` (default: a store
+        of their own, dropped at the end: the replaced layer objects are then left empty); see
+        :mod:`prehab.rollback`. One-stream methods keep no copy: they swap everything at once at the end.
         """
         ratio = self.ratio if ratio is None else _check_ratio("ratio", ratio)
         started = time.perf_counter()
@@ -547,6 +560,7 @@ class LowRankCompression(Callback):
                 progress,
                 self.method,
                 refine=refine if self.refine_steps else None,
+                rollback=rollback,
             )
             for name in unused:
                 solve_group([name], None, 0)
@@ -780,9 +794,10 @@ class LowRankCompression(Callback):
         for key, value in stats.items():
             if not torch.isfinite(value).all():
                 raise ValueError(
-                    f"calibration statistics {key} of layer {names[0]!r} contain NaN/Inf: the model produces "
-                    "non-finite activations on the calibration data. Nothing was modified; check the model "
-                    "(e.g. fp16 overflow) or the data."
+                    f"calibration statistics {key} of layer {names[0]!r} contain NaN/Inf: the inputs of that layer "
+                    "are non-finite on the calibration data (usually an upstream layer overflowed its dtype: float16 "
+                    "saturates at 65504). Nothing was modified. Compress in bfloat16 or float32 instead (e.g. "
+                    "model.to(torch.bfloat16)), or check the model and the data."
                 )
 
     @staticmethod
@@ -835,8 +850,9 @@ class LowRankCompression(Callback):
         log.info("wrote %s", ", ".join(str(f) for f in files))
 
 
-def _restore(model: nn.Module, dense: dict[str, nn.Module]) -> None:
-    """Put the dense layers back wherever a run replaced them."""
+def _restore(model: nn.Module, dense: dict[str, nn.Module], store: RollbackStore) -> None:
+    """Put the dense layers back wherever a run replaced them (those in ``store`` get their data back first)."""
+    store.restore(model)
     for name, module in dense.items():
         if model.get_submodule(name) is not module:
             replace_module(model, name, module)

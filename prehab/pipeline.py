@@ -19,8 +19,11 @@ the order the model runs them:
 3. both streams are propagated to the next block: the original stream with the dense block (the
    replaced modules are swapped back for that pass), the shifted one with the compressed block.
 
-Memory: one block of activations per stream (on CPU when the model is on an accelerator), plus the
-replaced dense modules, which are kept so that any failure puts the model back exactly as it was.
+Memory: one block of activations per stream (on CPU when the model is on an accelerator). The replaced
+dense modules are kept so that any failure puts the model back exactly as it was, but only the current
+block's stay on the model's device: once a block is done they go to a :class:`~prehab.rollback.RollbackStore`
+(host memory for an accelerator, a temporary file for a CPU model). After a successful run the replaced
+modules are left empty (their data is dropped), unless the caller passes its own ``rollback`` store.
 Models without a repeated block are handled as one "block" that is the whole model (per-layer
 early-exit forwards).
 """
@@ -41,6 +44,7 @@ from tqdm.auto import tqdm
 
 from prehab.calibration import calibration_forward
 from prehab.lowrank import LowRankLinear, dense_weight, replace_module
+from prehab.rollback import RollbackStore
 from prehab.stats import RunningCovariance, all_reduce_sum_, calibration_forward_context
 from prehab.targets import find_block_stacks
 
@@ -527,6 +531,7 @@ def sequential_compress(
     progress: bool = True,
     desc: str = "two-stream",
     refine: BlockRefiner | None = None,
+    rollback: RollbackStore | None = None,
 ) -> list[str]:
     """Compress ``targets`` block by block from two calibration streams, calling ``solve`` per group.
 
@@ -544,6 +549,9 @@ def sequential_compress(
             and the two streams (compressed block on the shifted inputs, dense block on the original ones),
             before the shifted stream is propagated to the next block (see :mod:`prehab.refine`). Models
             without a repeated block are not refined (a warning says so).
+        rollback: where finished blocks' dense modules go (see the module doc); default: a store of this
+            call, closed at the end. A caller's store is left holding them after a success (a ratio sweep
+            restores the dense model from it) and is restored from on failure.
 
     Returns:
         Names of targets that never received an input (left dense).
@@ -561,9 +569,14 @@ def sequential_compress(
         raise ValueError("this rank received no calibration batches; use calibration_batches >= the number of ranks.")
     device = dense_weight(next(iter(targets.values()))).device
     stacks = _stacks_for(model, targets, blocks)
-    originals: dict[str, nn.Module] = {}  # name -> dense module, for the dense stream and for rollback
+    originals: dict[str, nn.Module] = {}  # name -> dense module of the current block (dense stream, rollback)
+    store = RollbackStore(device) if rollback is None else rollback  # finished blocks' dense modules
+    if len(store):
+        raise ValueError(f"rollback= already holds {store.names()[:3]}: restore it before the next compression.")
 
-    with calibration_forward_context(model):
+    with calibration_forward_context(model), contextlib.ExitStack() as cleanup:
+        if rollback is None:
+            cleanup.callback(store.close)
         try:
             if not stacks:
                 if refine is not None:
@@ -588,12 +601,13 @@ def sequential_compress(
             with tqdm(total=total, desc=f"{desc}: blocks", disable=not progress, unit="block") as bar:
                 for (name, stack), last in work:
                     unused += _compress_stack(
-                        model, name, stack, last, targets, batches, runner, originals, solve, bar, refine
+                        model, name, stack, last, targets, batches, runner, originals, solve, bar, store, refine
                     )
             return unused
         except BaseException:
             for name, module in originals.items():
                 replace_module(model, name, module)
+            store.restore(model)
             raise
 
 
@@ -614,12 +628,14 @@ def _compress_stack(
     originals: dict[str, nn.Module],
     solve: GroupSolver,
     bar: tqdm,
+    store: RollbackStore,
     refine: BlockRefiner | None = None,
 ) -> list[str]:
-    with _dense(model, originals, ""):
+    # Earlier stacks' dense layers (e.g. the encoder's, for the decoder's inputs) come back for this one pass.
+    with store.loaded() as earlier, _dense(model, {**earlier, **originals}, ""):
         original_inputs = _capture_stack_inputs(model, name, stack, batches, runner, check=True)
     # Upstream layers (earlier stacks, e.g. the encoder for a decoder's cross-attention) may be compressed.
-    if originals:
+    if originals or len(store):
         shifted_inputs = _capture_stack_inputs(model, name, stack, batches, runner, check=False)
     else:
         shifted_inputs = list(original_inputs)
@@ -652,12 +668,16 @@ def _compress_stack(
                 len(shifted_inputs),
             )
         bar.update()
+        if more:
+            with _dense(model, originals, prefix[:-1]):
+                if next_original is None:
+                    next_original = [runner.store(_hidden(runner(block, inp)).detach()) for inp in original_inputs]
+            next_shifted = [runner.store(_hidden(runner(block, inp)).detach()) for inp in shifted_inputs]
+        for done in [n for n in originals if n.startswith(prefix)]:  # the block is done: off the device
+            store.put(done, originals[done])
+            del originals[done]  # after put, which leaves the module untouched if it fails
         if not more:
             break
-        with _dense(model, originals, prefix[:-1]):
-            if next_original is None:
-                next_original = [runner.store(_hidden(runner(block, inp)).detach()) for inp in original_inputs]
-        next_shifted = [runner.store(_hidden(runner(block, inp)).detach()) for inp in shifted_inputs]
         original_inputs = [_with_hidden(inp, h) for inp, h in zip(original_inputs, next_original, strict=True)]
         shifted_inputs = [_with_hidden(inp, h) for inp, h in zip(shifted_inputs, next_shifted, strict=True)]
     return unused
