@@ -32,7 +32,6 @@ Compressed models are saved with ``save_compressed`` under ``OUT/models/<task>/<
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys
@@ -50,6 +49,7 @@ from common import (  # noqa: E402  (benchmarks/ is not a package)
     REPO,
     Rows,
     candidate_name,
+    compress_at_ratios,
     default_asset,
     default_data,
     parse_candidate,
@@ -195,14 +195,7 @@ class Benchmark:
             return
         dense = self.load(task, name)
         loader = self.calibration(task, draw)
-        shared: dict[str, Any] = {}
-        for ratio in todo:
-            model = copy.deepcopy(dense)
-            callback = METHODS[method](ratio=ratio, calibration_batches=len(loader), plots=False)
-            started = time.perf_counter()
-            report = callback.compress(model, loader, ratio=ratio, shared_statistics=shared, progress=False)
-            seconds = time.perf_counter() - started
-            totals = report.totals()
+        for ratio, model, totals, seconds in compress_at_ratios(dense, METHODS[method], todo, loader):
             row = {"key": keys[ratio], "stage": stage, "model": name, "method": method, "ratio": ratio, "draw": draw,
                    "mean_relative_error": totals["mean_relative_error"], "seconds": seconds,
                    **self.metric_row(task, split, model, self.score(task, model, split))}
@@ -210,7 +203,6 @@ class Benchmark:
                 save_compressed(model, self.out / "models" / task / name / f"{method}-{ratio:g}",
                                 metadata={"calibration_draw": draw, "task": task})
             self.rows.add(row)
-            del model
 
     def rehab_row(self, task: str, name: str, method: str, ratio: float) -> None:
         key = f"rehab|{task}|{name}|{method}|{ratio:g}|0"

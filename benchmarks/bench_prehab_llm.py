@@ -32,7 +32,6 @@ models as plain Hugging Face folders under ``OUT/models/<model>/dense``.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import statistics
@@ -48,7 +47,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (benchmarks/ is not a package; the pieces shared with the GLUE and ViT benchmarks)
-from common import Rows, candidate_name, parse_candidate, pyplot, write_csv  # noqa: E402
+from common import Rows, candidate_name, compress_at_ratios, parse_candidate, pyplot, write_csv  # noqa: E402
 
 from prehab.callbacks import AASVD, SAESSVD, SVDLLM, LoRARehab  # noqa: E402
 from prehab.datamodules import PTB, Alpaca, WikiText  # noqa: E402
@@ -187,14 +186,7 @@ class Benchmark:
             return
         dense = self.load(name)
         loader = self.calibration(draw, samples)
-        shared: dict[str, Any] = {}
-        for ratio in todo:
-            model = copy.deepcopy(dense)
-            callback = METHODS[method](ratio=ratio, calibration_batches=len(loader), plots=False)
-            started = time.perf_counter()
-            report = callback.compress(model, loader, ratio=ratio, shared_statistics=shared, progress=False)
-            seconds = time.perf_counter() - started
-            totals = report.totals()
+        for ratio, model, totals, seconds in compress_at_ratios(dense, METHODS[method], todo, loader):
             row = {"key": keys[ratio], "stage": stage, "model": name, "method": method, "ratio": ratio, "draw": draw,
                    "calibration_tokens": samples * self.seq_len, "params": totals["model_params_after"],
                    "mean_relative_error": totals["mean_relative_error"], "seconds": seconds}
@@ -207,7 +199,6 @@ class Benchmark:
                 save_compressed(model, self.out / "models" / name / f"{method}-{ratio:g}",
                                 metadata={"calibration_draw": draw, "calibration_tokens": samples * self.seq_len})
             self.rows.add(row)
-            del model
 
     def rehab_row(self, name: str, method: str, ratio: float) -> None:
         key = f"rehab|{name}|{method}|{ratio:g}|0"

@@ -34,7 +34,6 @@ models as timm folders (``timm.create_model("local-dir:<folder>")``) under ``OUT
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import shutil
 import statistics
@@ -49,7 +48,16 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, Rows, candidate_name, parse_candidate, pyplot, spread, write_csv  # noqa: E402
+from common import (  # noqa: E402
+    REPO,
+    Rows,
+    candidate_name,
+    compress_at_ratios,
+    parse_candidate,
+    pyplot,
+    spread,
+    write_csv,
+)
 
 from prehab.calibration import collect_input_covariances  # noqa: E402
 from prehab.callbacks import SVD, SVDLLM, LoRARehab  # noqa: E402
@@ -185,14 +193,7 @@ class Benchmark:
             return
         dense = self.load(name)
         loader = self.calibration(draw)
-        shared: dict[str, Any] = {}
-        for ratio in todo:
-            model = copy.deepcopy(dense)
-            callback = METHODS[method](ratio=ratio, calibration_batches=len(loader), plots=False)
-            started = time.perf_counter()
-            report = callback.compress(model, loader, ratio=ratio, shared_statistics=shared, progress=False)
-            seconds = time.perf_counter() - started
-            totals = report.totals()
+        for ratio, model, totals, seconds in compress_at_ratios(dense, METHODS[method], todo, loader):
             row = {"key": keys[ratio], "stage": stage, "model": name, "method": method, "ratio": ratio, "draw": draw,
                    "split": split, "top1": self.top1(model, split), "params": totals["model_params_after"],
                    "mean_relative_error": totals["mean_relative_error"], "seconds": seconds}
@@ -200,7 +201,6 @@ class Benchmark:
                 save_compressed(model, self.out / "models" / name / f"{method}-{ratio:g}",
                                 metadata={"calibration_draw": draw, "timm_arch": self.args.arch})
             self.rows.add(row)
-            del model
 
     def rehab_row(self, name: str, method: str, ratio: float) -> None:
         key = f"rehab|{name}|{method}|{ratio:g}|0"

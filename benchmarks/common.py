@@ -100,3 +100,19 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def compress_at_ratios(dense: Any, method: type, ratios: list[float], loader: list) -> Any:
+    """Yield ``(ratio, model, totals, seconds)``: a fresh copy of ``dense`` compressed by ``method`` at each ratio,
+    one-stream statistics shared by the ratios; the caller measures/saves ``model`` before the next copy is made."""
+    import copy
+    import time
+
+    shared: dict[str, Any] = {}
+    for ratio in ratios:
+        model = copy.deepcopy(dense)
+        callback = method(ratio=ratio, calibration_batches=len(loader), plots=False)
+        started = time.perf_counter()
+        report = callback.compress(model, loader, ratio=ratio, shared_statistics=shared, progress=False)
+        yield ratio, model, report.totals(), time.perf_counter() - started
+        del model
