@@ -30,6 +30,8 @@ from prehab.stats import calibration_forward_context
 METHODS = {
     "svd": lambda r, n: SVD(ratio=r, calibration_batches=n),
     "svd_llm": lambda r, n: SVDLLM(ratio=r, calibration_batches=n),
+    # One-stream statistics block by block instead of all layers' at once (issue 12).
+    "svd_llm_blockwise": lambda r, n: SVDLLM(ratio=r, calibration_batches=n, statistics_budget_gb=0),
     "svd_llm_propagate": lambda r, n: SVDLLM(ratio=r, calibration_batches=n, propagate=True),
     "aa_svd": lambda r, n: AASVD(ratio=r, calibration_batches=n),
     "saes_svd": lambda r, n: SAESSVD(ratio=r, calibration_batches=n),

@@ -24,7 +24,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from prehab.allocation import allocate_ranks
+from prehab.allocation import allocate_equal_error, allocate_ranks
 from prehab.calibration import collect_input_covariances, take_batches
 from prehab.checks import is_count, is_real
 from prehab.linalg import LowRankFactors, damped_cholesky, factor_params, output_error, rank_from_ratio
@@ -36,7 +36,7 @@ from prehab.lowrank import (
     replace_module,
     save_compressed,
 )
-from prehab.pipeline import GroupStatistics, sequential_compress
+from prehab.pipeline import GroupStatistics, covered_by_blocks, one_stream_blocks, sequential_compress
 from prehab.refine import refine_block
 from prehab.report import CompressionReport, LayerReport, StageReport, SweepRow, model_size
 from prehab.rollback import RollbackStore
@@ -48,7 +48,7 @@ __all__ = ["Evaluator", "LowRankCompression", "METHOD_NAMES", "make_evaluator"]
 
 METHOD_NAMES = ("svd", "svd_llm", "aa_svd", "saes_svd")
 RANK_ALLOCATIONS = ("uniform", "global")
-ALLOCATION_WEIGHTINGS = ("relative", "raw")
+ALLOCATION_WEIGHTINGS = ("equal", "relative", "raw")
 DEFAULT_RATIO = 0.4
 SPECTRUM_LAYERS = 4  # layers whose whitened spectra the report plots
 
@@ -166,21 +166,30 @@ class LowRankCompression(Callback):
             if the surgery fails).
         plots: with ``save_dir``, write the PNG plots (matplotlib).
         rank_allocation: ``"uniform"``: every layer keeps the same fraction ``1 - ratio`` of its parameters.
-            ``"global"``: per-layer ranks that minimize the predicted total loss (each layer's whitened tail
-            energy ``Σ_{i>r} σ_i(W L)²``, weighed by ``allocation_weighting``) with at most the parameters that
-            ``"uniform"`` keeps in the targeted layers; a layer may stay dense when that is cheaper than the
-            rank it would get. Spectra come from the original model's input covariances (two-stream methods
-            pay one extra one-stream calibration pass for them, reported as ``allocation`` seconds).
+            ``"global"``: per-layer ranks chosen from each layer's whitened spectrum ``σ_i(W L)`` (its predicted
+            loss at rank r is the tail energy ``Σ_{i>r} σ_i²``; see ``allocation_weighting``) with at most the
+            parameters that ``"uniform"`` keeps in the targeted layers; a layer may stay dense when that is cheaper
+            than the rank it would get. Spectra come from the original model's input covariances (two-stream
+            methods pay one extra one-stream calibration pass for them, reported as ``allocation`` seconds).
         min_kept_fraction: with ``"global"``, the least fraction of its parameters any factorized layer keeps,
             in (0, 1) and below ``1 - ratio``.
-        allocation_weighting: how ``"global"`` weighs layers against each other: ``"relative"`` (each layer's
-            tail energy relative to its total, i.e. its relative output error) or ``"raw"`` (absolute tail
-            energies: layers with large activations weigh more). ``"relative"`` won on WikiText-2 valid (SmolLM2-135M,
-            SVD-LLM, 20% removed: perplexity 70.2 against 74.3 uniform and 711 raw).
+        allocation_weighting: the objective of ``"global"``: ``"equal"`` (the smallest largest relative error
+            ``Σ_{i>r} σ_i² / Σ_i σ_i²``: every layer as good as the budget allows the worst), ``"relative"`` (the
+            smallest sum of relative errors) or ``"raw"`` (the smallest sum of tail energies: layers with large
+            activations weigh more). Chosen on WikiText-2 valid (SmolLM2-135M, SVD-LLM; perplexity at 20% / 40%
+            removed): uniform 74.3 / 218.3, ``"equal"`` 66.4 / 205.4, ``"relative"`` 70.2 / 619, ``"raw"`` 711 at
+            20% (sums of errors buy many layers' zero error by keeping them dense and cut a few to the floor).
         refine_steps: two-stream methods only: passes of Adam over the calibration batches after each block is
             factorized, adjusting that block's factors (nothing else) to reproduce the dense block's output
             (:mod:`prehab.refine`). 0: no refinement.
         refine_lr: Adam's learning rate for ``refine_steps``.
+        statistics_budget_gb: one-stream statistics (SVD, SVD-LLM; and the original-model spectra of
+            ``rank_allocation="global"``) are float64 ``in x in`` covariances, one per targeted layer. When all of
+            them take at most this many GiB they are collected in one pass over the whole model (a ``ratios`` sweep
+            then shares that pass); above it, block by block (memory of one block's statistics; each ratio pays
+            its own pass; needs the targets inside a repeated block list, else one pass with a warning).
+            LLaMA-7B's take ~44 GiB, SmolLM2-135M's ~1 GiB. 0: always block by block; ``inf`` (YAML ``.inf``):
+            always in one pass.
     """
 
     method: ClassVar[str] = "lowrank"
@@ -204,9 +213,10 @@ class LowRankCompression(Callback):
         plots: bool = True,
         rank_allocation: str = "uniform",
         min_kept_fraction: float = 0.1,
-        allocation_weighting: str = "relative",
+        allocation_weighting: str = "equal",
         refine_steps: int = 0,
         refine_lr: float = 1e-4,
+        statistics_budget_gb: float = 2.0,
     ) -> None:
         if ratio is not None and ratios is not None:
             raise ValueError(
@@ -277,6 +287,12 @@ class LowRankCompression(Callback):
             )
         if not (is_real(refine_lr) and refine_lr > 0):
             raise ValueError(f"refine_lr={refine_lr!r} is invalid: use a small positive learning rate such as 1e-4.")
+        if not ((is_real(statistics_budget_gb) or statistics_budget_gb == float("inf")) and statistics_budget_gb >= 0):
+            raise ValueError(
+                f"statistics_budget_gb={statistics_budget_gb!r} is invalid: use a number of GiB >= 0 (e.g. 2.0; 0: "
+                "one-stream statistics always block by block; .inf: always in one pass)."
+            )
+        self.statistics_budget_gb = float(statistics_budget_gb)
         self.rank_allocation, self.min_kept_fraction = rank_allocation, float(min_kept_fraction)
         self.allocation_weighting = allocation_weighting
         self.refine_steps, self.refine_lr = refine_steps, float(refine_lr)
@@ -317,6 +333,7 @@ class LowRankCompression(Callback):
             "rank_allocation": self.rank_allocation,
             "min_kept_fraction": self.min_kept_fraction,
             "allocation_weighting": self.allocation_weighting,
+            "statistics_budget_gb": self.statistics_budget_gb,
             "evaluate": False,
             "plots": False,
         }
@@ -472,13 +489,15 @@ class LowRankCompression(Callback):
     ) -> CompressionReport:
         """Compress ``model`` in place at ``ratio`` (default: the last of ``ratios``) and return the report.
 
-        Nothing is modified until every layer's factors are computed and checked, so a failure leaves
-        the model exactly as it was. ``shared_statistics`` (a dict, filled on first use) lets several
+        A failure leaves the model exactly as it was: a one-pass one-stream run modifies nothing until every
+        layer's factors are computed and checked; block-by-block runs put the replaced layers back.
+        ``shared_statistics`` (a dict, filled on first use) lets several
         one-stream compressions of the same dense model share one statistics pass.
 
         Two-stream methods move each finished block's replaced dense layers to ``rollback`` (default: a store
         of their own, dropped at the end: the replaced layer objects are then left empty); see
-        :mod:`prehab.rollback`. One-stream methods keep no copy: they swap everything at once at the end.
+        :mod:`prehab.rollback`. One-stream methods keep no copy: they swap everything at once at the end,
+        except block by block (``statistics_budget_gb``), where each block's dense layers go to the store too.
         """
         ratio = self.ratio if ratio is None else _check_ratio("ratio", ratio)
         started = time.perf_counter()
@@ -514,18 +533,35 @@ class LowRankCompression(Callback):
 
         samples = 0
         stats = None
-        if not self.two_stream:
+        # Block-by-block one-stream statistics when they do not fit statistics_budget_gb: `blocks()` gives a pass.
+        opened = None
+        if self._over_budget(model, targets, dataloader):
+            batches = list(take_batches(dataloader, self.calibration_batches, rank, world_size))
+            opened = [self._open_blocks(model, targets, batches, progress)]  # None: cannot (warned)
+        blockwise = opened is not None and opened[0] is not None
+
+        def blocks() -> Iterator[tuple[dict[str, Tensor], int]]:
+            return opened.pop() if opened else self._open_blocks(model, targets, batches, progress)
+
+        if not self.two_stream and not blockwise:
             stats, samples = self._one_stream_statistics(
                 model, targets, dataloader, rank, world_size, progress, shared_statistics
             )
         if self.rank_allocation == "global":
             tick = time.perf_counter()
-            cached = shared_statistics is not None and self._spectrum_key() in shared_statistics.get("spectra", {})
-            if self.two_stream and not cached:  # ranks are needed before block 0: one extra one-stream pass
-                stats = self._one_stream_statistics(model, targets, dataloader, rank, world_size, progress, None)[0]
-            self._allocate(targets, plan, ratio, stats, shared_statistics)
+            cache = shared_statistics.setdefault("spectra", {}) if shared_statistics is not None else {}
+            if self._spectrum_key() not in cache:
+                if blockwise:
+                    cache[self._spectrum_key()] = self._blockwise_spectra(targets, blocks())
+                else:
+                    if self.two_stream:  # ranks are needed before block 0: one extra one-stream pass, not kept
+                        stats = self._one_stream_statistics(
+                            model, targets, dataloader, rank, world_size, progress, None
+                        )[0]
+                    cache[self._spectrum_key()] = self._spectra_from(targets, stats)
+            self._allocate(targets, plan, ratio, cache[self._spectrum_key()])
             if self.two_stream:
-                stats = None  # the pass's statistics are not kept: memory stays at one block
+                stats = None  # memory stays at one block
             timer["allocation"] = time.perf_counter() - tick
 
         def refine(name: str, block: nn.Module, factors: list, run: Callable, target: Callable, count: int) -> None:
@@ -564,6 +600,29 @@ class LowRankCompression(Callback):
             )
             for name in unused:
                 solve_group([name], None, 0)
+        elif blockwise:
+            store = RollbackStore(dense_weight(next(iter(targets.values()))).device) if rollback is None else rollback
+            try:
+                for block_stats, count in one_stream_blocks(
+                    model, targets, batches, self.blocks, progress, self.method
+                ):
+                    samples = max(samples, count)
+                    for name in block_stats:  # the block checked before any of its layers is replaced
+                        self._check_statistics([name], {"G": block_stats[name]})
+                    solutions = {}
+                    for name, covariance in block_stats.items():
+                        solutions.update(solve_group([name], {"G": covariance}, count))
+                    for name, replacement in solutions.items():  # the dense layer leaves the device
+                        store.put(name, replace_module(model, name, replacement))
+                for name in targets:
+                    if name not in reports:  # never called during calibration
+                        solve_group([name], None, samples)
+            except BaseException:
+                store.restore(model)
+                raise
+            finally:
+                if rollback is None:
+                    store.close()
         else:
             solutions: dict[str, nn.Module] = {}
             bar = tqdm(targets, desc=f"{self.method}: factorizing", disable=not progress, unit="layer")
@@ -715,27 +774,74 @@ class LowRankCompression(Callback):
         """Methods with the same key share spectra in a sweep (SVD's unwhitened ones differ from the others')."""
         return (type(self).allocation_spectrum, self.damping)
 
+    def _over_budget(self, model: nn.Module, targets: dict[str, nn.Module], dataloader: Iterable | None) -> bool:
+        """Whether one-stream statistics should be collected block by block (see ``statistics_budget_gb``)."""
+        if dataloader is None or (self.two_stream and self.rank_allocation != "global"):
+            return False
+        size = sum(8 * dense_weight(module).shape[1] ** 2 for module in targets.values())
+        if size <= self.statistics_budget_gb * 2**30:
+            return False
+        if covered_by_blocks(model, targets, self.blocks):
+            return True
+        warnings.warn(
+            f"{self.method}: the one-stream statistics take ~{size / 2**30:.1f} GiB (above statistics_budget_gb="
+            f"{self.statistics_budget_gb:g}) but some targets lie outside a repeated block list, so they are "
+            "collected in one pass. Restrict targets= to the blocks, or pass blocks=, for block-by-block collection.",
+            stacklevel=3,
+        )
+        return False
+
+    def _open_blocks(
+        self, model: nn.Module, targets: dict[str, nn.Module], batches: list, progress: bool
+    ) -> Iterator[tuple[dict[str, Tensor], int]] | None:
+        """:func:`~prehab.pipeline.one_stream_blocks`, or None (with a warning) when the model's blocks cannot be run
+        one by one: the statistics are then collected in one pass."""
+        try:
+            return one_stream_blocks(model, targets, batches, self.blocks, progress, self.method)
+        except ValueError as err:
+            warnings.warn(
+                f"{self.method}: the statistics are collected in one pass over the whole model (memory of every "
+                f"layer's statistics) because its blocks cannot be run one by one: {err}",
+                stacklevel=3,
+            )
+            return None
+
+    def _blockwise_spectra(
+        self, targets: dict[str, nn.Module], blocks: Iterator[tuple[dict[str, Tensor], int]]
+    ) -> dict[str, Tensor]:
+        """Every target's allocation spectrum from block-by-block statistics (nothing is replaced)."""
+        spectra = {}
+        for block_stats, _ in blocks:
+            for name, covariance in block_stats.items():
+                self._check_statistics([name], {"G": covariance})
+                spectra[name] = self.allocation_spectrum(dense_weight(targets[name]), {"G": covariance})
+        if not self.requires_calibration:
+            for name in targets:
+                spectra.setdefault(name, self.allocation_spectrum(dense_weight(targets[name]), {}))
+        return spectra
+
+    def _spectra_from(
+        self, targets: dict[str, nn.Module], stats: dict[str, dict[str, Tensor]] | None
+    ) -> dict[str, Tensor]:
+        """Every target's allocation spectrum from one-pass statistics; layers that saw no input are left out
+        (they stay dense) unless the method needs no calibration."""
+        spectra = {}
+        for name, module in targets.items():
+            layer_stats = stats.get(name) if stats else None
+            if layer_stats is None and self.requires_calibration:
+                continue
+            spectra[name] = self.allocation_spectrum(dense_weight(module), layer_stats or {})
+        return spectra
+
     def _allocate(
         self,
         targets: dict[str, nn.Module],
         plan: dict[str, tuple[int | None, str]],
         ratio: float,
-        stats: dict[str, dict[str, Tensor]] | None,
-        shared: dict[str, Any] | None,
+        spectra: dict[str, Tensor],
     ) -> None:
-        """Replace the uniform ``plan`` (in place) by ranks from :func:`~prehab.allocation.allocate_ranks` with the
-        same parameter count. Layers that saw no calibration input keep their plan (they stay dense)."""
-        cache = shared.setdefault("spectra", {}) if shared is not None else {}
-        key = self._spectrum_key()
-        if key not in cache:
-            spectra = {}
-            for name, module in targets.items():
-                layer_stats = stats.get(name) if stats else None
-                if layer_stats is None and self.requires_calibration:
-                    continue
-                spectra[name] = self.allocation_spectrum(dense_weight(module), layer_stats or {})
-            cache[key] = spectra
-        spectra = cache[key]
+        """Replace the uniform ``plan`` (in place) by ranks from :mod:`prehab.allocation` with at most the same
+        parameter count. Layers that saw no calibration input keep their plan (they stay dense)."""
         names = [name for name in targets if name in spectra]
         if not names:
             return
@@ -744,11 +850,15 @@ class LowRankCompression(Callback):
             m * n if plan[name][0] is None else factor_params(m, n, plan[name][0])
             for name, (m, n) in zip(names, shapes, strict=True)
         )
-        weights = None
-        if self.allocation_weighting == "relative":
-            energy = [float((spectra[name].double() ** 2).sum()) for name in names]
-            weights = [1.0 / e if e > 0 else 0.0 for e in energy]
-        allocation = allocate_ranks([spectra[n] for n in names], shapes, budget, self.min_kept_fraction, weights)
+        layer_spectra = [spectra[n] for n in names]
+        if self.allocation_weighting == "equal":
+            allocation = allocate_equal_error(layer_spectra, shapes, budget, self.min_kept_fraction)
+        else:
+            weights = None
+            if self.allocation_weighting == "relative":
+                energy = [float((spectrum.double() ** 2).sum()) for spectrum in layer_spectra]
+                weights = [1.0 / e if e > 0 else 0.0 for e in energy]
+            allocation = allocate_ranks(layer_spectra, shapes, budget, self.min_kept_fraction, weights)
         for name, layer_rank in zip(names, allocation.ranks, strict=True):
             if layer_rank is None:
                 plan[name] = (None, "kept dense: global rank allocation (cheaper than the rank it would get)")
@@ -756,8 +866,9 @@ class LowRankCompression(Callback):
                 plan[name] = (layer_rank, "")
         if self.verbose:
             log.info(
-                "%s: global rank allocation at ratio %g: %d params (budget %d), predicted loss %.4g",
+                "%s: global rank allocation (%s) at ratio %g: %d params (budget %d), predicted loss %.4g",
                 self.method,
+                self.allocation_weighting,
                 ratio,
                 allocation.params,
                 budget,

@@ -45,10 +45,10 @@ from tqdm.auto import tqdm
 from prehab.calibration import calibration_forward
 from prehab.lowrank import LowRankLinear, dense_weight, replace_module
 from prehab.rollback import RollbackStore
-from prehab.stats import RunningCovariance, all_reduce_sum_, calibration_forward_context
+from prehab.stats import CovarianceCollector, RunningCovariance, all_reduce_sum_, calibration_forward_context
 from prehab.targets import find_block_stacks
 
-__all__ = ["BlockRefiner", "GroupStatistics", "sequential_compress"]
+__all__ = ["BlockRefiner", "GroupStatistics", "covered_by_blocks", "one_stream_blocks", "sequential_compress"]
 
 # solve(group statistics) -> {layer name: replacement module}; layers left out stay dense.
 GroupSolver = Callable[["GroupStatistics"], dict[str, nn.Module]]
@@ -609,6 +609,93 @@ def sequential_compress(
                 replace_module(model, name, module)
             store.restore(model)
             raise
+
+
+def covered_by_blocks(model: nn.Module, targets: dict[str, nn.Module], blocks: str | None = None) -> bool:
+    """Whether every target lies in a repeated block list, so that :func:`one_stream_blocks` can run."""
+    try:
+        return bool(_stacks_for(model, targets, blocks))
+    except ValueError:
+        return False
+
+
+def one_stream_blocks(
+    model: nn.Module,
+    targets: dict[str, nn.Module],
+    batches: list,
+    blocks: str | None = None,
+    progress: bool = True,
+    desc: str = "one-stream",
+) -> Iterator[tuple[dict[str, Tensor], int]]:
+    """The original model's input covariances ``G = mean XXᵀ``, one block at a time: memory of one block.
+
+    Yields ``({name: G}, rows)`` per block that holds targets, in the order the model runs them (layers
+    that read the same tensor share one ``G``; layers never called are left out), all-reduced over DDP
+    ranks. The inputs of every stack's first block are captured before the first yield, with the
+    dense model (the checks of :func:`sequential_compress` apply); each block's dense outputs are
+    computed before its statistics are yielded, so the caller may replace the block's layers at once:
+    later blocks still see the original model's activations. The factors match those from one
+    whole-model pass (:func:`~prehab.calibration.collect_input_covariances`) to float round-off.
+
+    The checks and the capture run at the call (not at the first ``next``), so their errors come first.
+
+    Raises:
+        ValueError: no batches, targets outside the block lists (:func:`covered_by_blocks` says), or
+            blocks the pipeline cannot run one by one (see :func:`sequential_compress`).
+    """
+    if not batches:
+        raise ValueError("this rank received no calibration batches; use calibration_batches >= the number of ranks.")
+    device = dense_weight(next(iter(targets.values()))).device
+    stacks = _stacks_for(model, targets, blocks)
+    if not stacks:
+        raise ValueError("no repeated block list holds the targets: collect their statistics in one pass instead.")
+    runner = _Runner(whole_model=False, device=device, offload=device.type != "cpu")
+    with calibration_forward_context(model):
+        order = _broadcast(_stack_order(model, stacks, batches[0])) if len(stacks) > 1 else [0]
+        # Every stack's inputs before anything is yielded (and maybe replaced): all from the dense model.
+        work = [
+            (
+                stacks[s],
+                _blocks_with_targets(stacks[s], targets),
+                _capture_stack_inputs(model, *stacks[s], batches, runner, check=True),
+            )
+            for s in order
+        ]
+    return _one_stream_iterator(model, targets, work, runner, device, progress, desc)
+
+
+def _one_stream_iterator(
+    model: nn.Module,
+    targets: dict[str, nn.Module],
+    work: list,
+    runner: _Runner,
+    device: torch.device,
+    progress: bool,
+    desc: str,
+) -> Iterator[tuple[dict[str, Tensor], int]]:
+    total = sum(last + 1 for _, last, _ in work)
+    with tqdm(total=total, desc=f"{desc}: blocks", disable=not progress, unit="block") as bar:
+        for (name, stack), last, inputs in work:
+            for index in range(last + 1):
+                prefix = f"{name}.{index}."
+                members = {n: m for n, m in targets.items() if n.startswith(prefix)}
+                features = {n: dense_weight(m).shape[1] for n, m in members.items()}
+                collector = CovarianceCollector(members, features, device=device)
+                outputs = []
+                with calibration_forward_context(model), collector.hooks():
+                    for block_inputs in inputs:
+                        output = runner(stack[index], block_inputs)
+                        if index < last:
+                            outputs.append(runner.store(_hidden(output).detach()))
+                collector.all_reduce_()
+                count = max((stat.count for stat in collector.unique()), default=0)
+                statistics = collector.means_()
+                del collector
+                bar.update()
+                yield statistics, count
+                del statistics
+                if index < last:
+                    inputs = [_with_hidden(inp, h) for inp, h in zip(inputs, outputs, strict=True)]
 
 
 def _blocks_with_targets(stack: tuple[str, nn.Module], targets: dict[str, nn.Module]) -> int:

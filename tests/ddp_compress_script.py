@@ -30,6 +30,11 @@ def main(out: Path) -> None:
         copy_ = copy.deepcopy(dense)
         other.compress(copy_, loader, rank=rank, world_size=world, progress=False)
         states[other.method] = copy_.state_dict()
+    # one-stream statistics block by block (statistics_budget_gb=0), all-reduced per block
+    copy_ = copy.deepcopy(dense)
+    blockwise = SVDLLM(ratio=0.5, calibration_batches=8, statistics_budget_gb=0)
+    blockwise.compress(copy_, loader, rank=rank, world_size=world, progress=False)
+    states["svd_llm_blockwise"] = copy_.state_dict()
     # global rank allocation (its one-stream pass all-reduced) and block refinement (gradients all-reduced)
     refined = AASVD(ratio=0.5, calibration_batches=8, rank_allocation="global", refine_steps=1, refine_lr=1e-3)
     copy_ = copy.deepcopy(dense)

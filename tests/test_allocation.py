@@ -94,3 +94,65 @@ def test_bad_inputs_are_clear_errors():
         allocate_ranks([torch.ones(6)], [(8, 6), (8, 6)], 100)
     with pytest.raises(ValueError, match="weights"):
         allocate_ranks([torch.ones(6)], [(8, 6)], 100, weights=[-1.0])
+
+
+def _brute_force_minimax(spectra, shapes, budget, min_fraction):
+    """Smallest largest relative error (factorized layers) over every allocation within the budget."""
+    from prehab.allocation import relative_errors
+
+    errors = [relative_errors(s, max_useful_rank(m, n)) for s, (m, n) in zip(spectra, shapes, strict=True)]
+    choices = [[*range(min_rank(m, n, min_fraction), max_useful_rank(m, n) + 1), None] for m, n in shapes]
+    best = None
+    for combo in itertools.product(*choices):
+        if sum(_cost(s, r) for s, r in zip(shapes, combo, strict=True)) <= budget:
+            worst = max((float(e[r]) for e, r in zip(errors, combo, strict=True) if r is not None), default=0.0)
+            best = worst if best is None else min(best, worst)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_equal_error_allocation_equals_the_brute_force_minimax(seed):
+    from prehab.allocation import allocate_equal_error, relative_errors
+
+    spectra, _ = _random_case(seed)
+    dense = sum(m * n for m, n in SHAPES)
+    for budget in range(52, dense + 1, 9):
+        allocation = allocate_equal_error(spectra, SHAPES, budget, 0.1)
+        assert allocation.params <= budget
+        assert allocation.params == sum(_cost(s, r) for s, r in zip(SHAPES, allocation.ranks, strict=True))
+        assert allocation.loss == pytest.approx(_brute_force_minimax(spectra, SHAPES, budget, 0.1), abs=1e-12)
+        # the leftover went to the worst layers: no factorized layer can take one more rank step within budget
+        left = budget - allocation.params
+        for (m, n), rank in zip(SHAPES, allocation.ranks, strict=True):
+            assert rank is None or rank == max_useful_rank(m, n) or m + n > left
+        worst = [
+            float(relative_errors(s, max_useful_rank(*shape))[r])
+            for s, shape, r in zip(spectra, SHAPES, allocation.ranks, strict=True)
+            if r is not None
+        ]
+        assert max(worst, default=0.0) == pytest.approx(allocation.loss)
+
+
+def test_equal_error_is_never_worse_than_uniform_ranks_in_its_worst_layer():
+    from prehab.allocation import allocate_equal_error, relative_errors
+
+    g = torch.Generator().manual_seed(3)
+    shapes = [(64, 48), (48, 64), (96, 32), (40, 40), (64, 64)]
+    spectra = [torch.rand(min(s), generator=g) ** p for s, p in zip(shapes, (1, 4, 8, 0.5, 2), strict=True)]
+    for ratio in (0.2, 0.4, 0.6):
+        uniform = [rank_from_ratio(m, n, ratio) for m, n in shapes]
+        budget = sum(factor_params(m, n, r) for (m, n), r in zip(shapes, uniform, strict=True))
+        allocation = allocate_equal_error(spectra, shapes, budget, 0.05)
+        uniform_worst = max(
+            float(relative_errors(s, max_useful_rank(*shape))[r])
+            for s, shape, r in zip(spectra, shapes, uniform, strict=True)
+        )
+        assert allocation.params <= budget
+        assert allocation.loss <= uniform_worst + 1e-12  # uniform ranks are one feasible allocation
+
+
+def test_equal_error_refuses_a_budget_below_the_floors():
+    from prehab.allocation import allocate_equal_error
+
+    with pytest.raises(ValueError, match="budget=10 parameters is below"):
+        allocate_equal_error([torch.ones(6)] * 2, [(8, 6), (8, 6)], 10, 0.5)

@@ -53,13 +53,15 @@ def test_smoke_runs_every_stage_and_saved_models_reproduce_the_table(tmp_path, o
     # the saved compressed model reloads to the dev metric in the table
     settings = json.loads((out / "settings.json").read_text())
     runner = bench.Benchmark(argparse.Namespace(**settings["args"]), settings["settings"])
-    row = next(r for r in table if (r["task"], r["model"], r["method"], r["ratio"]) == ("stsb", "control", "svd_llm",
-                                                                                         0.6))
+    row = next(
+        r for r in table if (r["task"], r["model"], r["method"], r["ratio"]) == ("stsb", "control", "svd_llm", 0.6)
+    )
     model = load_compressed(out / "models" / "stsb" / "control" / "svd_llm-0.6")
     assert any(isinstance(m, LowRankLinear) for m in model.modules())
     data = runner.data("stsb")
     assert evaluate_classification(model, data.val_dataloader(), data.metrics())["spearman"] == pytest.approx(
-        row["score"], abs=1e-5)
+        row["score"], abs=1e-5
+    )
     from transformers import AutoModelForSequenceClassification
 
     dense = AutoModelForSequenceClassification.from_pretrained(out / "models" / "rte" / "stable_rank-0.1" / "dense")

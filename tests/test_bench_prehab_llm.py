@@ -28,8 +28,21 @@ def load_script():
 def test_smoke_runs_every_stage_and_saved_models_reproduce_the_table(tmp_path, one_thread):
     bench = load_script()
     out = tmp_path / "out"
-    bench.main(["--smoke", "--out", str(out), "--data", str(SHARED_DATA), "--stages", "sweep", "table", "rehab",
-                "calibration", "zeroshot"])
+    bench.main(
+        [
+            "--smoke",
+            "--out",
+            str(out),
+            "--data",
+            str(SHARED_DATA),
+            "--stages",
+            "sweep",
+            "table",
+            "rehab",
+            "calibration",
+            "zeroshot",
+        ]
+    )
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
     stages = {r["stage"] for r in rows}
     assert {"heldout", "sweep", "test", "table", "rehab", "calibration", "zeroshot"} <= stages
@@ -77,4 +90,3 @@ def test_smoke_runs_every_stage_and_saved_models_reproduce_the_table(tmp_path, o
     assert line.split(" | ")[4].startswith(f"{sum(quotients) / 2:.3f} [{min(quotients):.3f}, {max(quotients):.3f}]")
     assert (out / "prehab_vs_surgery.png").stat().st_size > 10_000
     assert (out / "rows.csv").read_text().count("\n") == len({r["key"] for r in rows}) + 1
-

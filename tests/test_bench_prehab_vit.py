@@ -37,8 +37,13 @@ def test_smoke_runs_every_stage_and_saved_models_reproduce_the_table(tmp_path, o
     table = [r for r in rows if r["stage"] == "table"]
     got = {(r["model"], r["method"], r["ratio"]) for r in table}
     for ratio in (0.2, 0.6):
-        assert {("pretrained", "svd", ratio), ("pretrained", "svd_llm", ratio), ("control", "svd_llm", ratio),
-                ("nuclear-0.1", "svd_llm", ratio), (chosen["stable_rank"], "svd_llm", ratio)} <= got
+        assert {
+            ("pretrained", "svd", ratio),
+            ("pretrained", "svd_llm", ratio),
+            ("control", "svd_llm", ratio),
+            ("nuclear-0.1", "svd_llm", ratio),
+            (chosen["stable_rank"], "svd_llm", ratio),
+        } <= got
         params = {r["params"] for r in table if r["ratio"] == ratio and r["method"] == "svd_llm"}
         assert len(params) == 1
     assert all(0 <= r["top1"] <= 100 for r in rows)

@@ -15,7 +15,12 @@ def test_ddp_ranks_identical_and_equal_to_single_process(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert ranks[0]["world"] == 2
     loader = loader_for("llama", n=32, batch_size=4, seed=5)
-    for method, callback in (("saes_svd", SAESSVD), ("aa_svd", AASVD), ("svd_llm", SVDLLM)):
+    for method, callback in (
+        ("saes_svd", SAESSVD),
+        ("aa_svd", AASVD),
+        ("svd_llm", SVDLLM),
+        ("svd_llm_blockwise", SVDLLM),  # block by block under DDP = one process's whole-model pass
+    ):
         zero, one = ranks[0]["states"][method], ranks[1]["states"][method]
         lowrank_keys = [k for k in zero if k.endswith(("up.weight", "down.weight"))]
         assert len(lowrank_keys) == 28

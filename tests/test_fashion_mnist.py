@@ -33,8 +33,14 @@ def write_tiny(folder, train=20, test=10, gz=True):
 
 @needs_package
 def test_real_files_split_sizes_normalization_and_seeded_subsets(tmp_path):
-    module = FashionMNIST(cache_dir=str(tmp_path), heldout_samples=1000, train_samples=5000, max_eval_samples=500,
-                          calibration_samples=64, batch_size=250)
+    module = FashionMNIST(
+        cache_dir=str(tmp_path),
+        heldout_samples=1000,
+        train_samples=5000,
+        max_eval_samples=500,
+        calibration_samples=64,
+        batch_size=250,
+    )
     module.setup("fit")
     assert len(module.split(train=True)) == 60000 and len(module.split(train=False)) == 10000
     indices = module.indices
@@ -55,8 +61,13 @@ def test_real_files_split_sizes_normalization_and_seeded_subsets(tmp_path):
 @pytest.mark.parametrize("gz", [True, False])
 def test_tiny_idx_files_load_exactly(tmp_path, gz):
     data = write_tiny(tmp_path / "idx", gz=gz)
-    module = FashionMNIST(root=str(tmp_path / "idx"), cache_dir=str(tmp_path / "cache"), augment=False,
-                          calibration_samples=4, batch_size=20)
+    module = FashionMNIST(
+        root=str(tmp_path / "idx"),
+        cache_dir=str(tmp_path / "cache"),
+        augment=False,
+        calibration_samples=4,
+        batch_size=20,
+    )
     images, labels = next(iter(module.test_dataloader()))
     expected = (data["t10k"][0].float() / 255 - MEAN) / STD
     assert torch.allclose(images[:, 0], expected, atol=1e-5)
@@ -99,15 +110,25 @@ def test_a_malformed_idx_file_and_bad_arguments_fail_clearly(tmp_path):
 @pytest.mark.skipif(not (SHARED_DATA / "glue").is_dir(), reason="needs ../shared/data/glue")
 def test_glue_heldout_and_subsets_are_disjoint_seeded_and_sized():
     tokenizer = wikitext_tokenizer(500)
-    module = GLUE(task="rte", tokenizer=tokenizer, dataset=str(SHARED_DATA / "glue"), heldout_samples=100,
-                  max_train_samples=300, max_eval_samples=50, calibration_samples=16)
+    module = GLUE(
+        task="rte",
+        tokenizer=tokenizer,
+        dataset=str(SHARED_DATA / "glue"),
+        heldout_samples=100,
+        max_train_samples=300,
+        max_eval_samples=50,
+        calibration_samples=16,
+    )
     module.setup("fit")
     assert len(module.train_dataset) == 300 and len(module.heldout_dataset) == 100
     train_texts = {tuple(ids) for ids in module.train_dataset["input_ids"]}
     heldout_texts = {tuple(ids) for ids in module.heldout_dataset["input_ids"]}
     assert not train_texts & heldout_texts  # (RTE has no duplicate pairs among these)
-    calibration = {tuple(row[m.bool()].tolist()) for b in module.calibration_dataloader()
-                   for row, m in zip(b["input_ids"], b["attention_mask"], strict=True)}
+    calibration = {
+        tuple(row[m.bool()].tolist())
+        for b in module.calibration_dataloader()
+        for row, m in zip(b["input_ids"], b["attention_mask"], strict=True)
+    }
     assert calibration <= train_texts
     assert len(module.val_dataloader().dataset) == 50
     assert sum(len(b["labels"]) for b in module.heldout_dataloader()) == 100

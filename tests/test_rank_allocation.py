@@ -48,7 +48,9 @@ def test_global_allocation_meets_the_uniform_budget_and_lowers_the_total_truncat
     widest = max(sum(m.weight.shape) for m in resolve_targets(model, None, None).values())
     uniform, spread = copy.deepcopy(model), copy.deepcopy(model)
     u = SVDLLM(ratio=ratio, plots=False).compress(uniform, _batches(), progress=False)
-    g = SVDLLM(ratio=ratio, rank_allocation="global", plots=False).compress(spread, _batches(), progress=False)
+    g = SVDLLM(ratio=ratio, rank_allocation="global", allocation_weighting="relative", plots=False).compress(
+        spread, _batches(), progress=False
+    )
     params = g.totals()["target_params_after"]
     assert budget - widest < params <= budget
     assert u.totals()["target_params_after"] == budget
@@ -62,6 +64,12 @@ def test_global_allocation_meets_the_uniform_budget_and_lowers_the_total_truncat
     attention = [layer.params_after / layer.params_before for layer in g.layers if "attn" in layer.name]
     assert max(mlp) < min(attention)  # the nearly low-rank MLP gives its parameters to attention
     assert min(mlp) >= 0.1 - 1e-9  # min_kept_fraction
+    # The default objective ("equal") minimizes the largest relative error instead: below uniform's largest.
+    equal = copy.deepcopy(model)
+    e = SVDLLM(ratio=ratio, rank_allocation="global", plots=False).compress(equal, _batches(), progress=False)
+    worst = lambda report: max(layer.relative_error or 0.0 for layer in report.layers)  # noqa: E731
+    assert budget - widest < e.totals()["target_params_after"] <= budget
+    assert worst(e) < 0.8 * worst(u) and worst(e) <= worst(g)
 
 
 def test_two_stream_methods_allocate_from_the_original_model_spectra():

@@ -81,8 +81,9 @@ def test_failure_at_the_last_block_restores_the_model_bit_identically_from_the_t
     # emptied on the device and its bytes were in the temporary file (a CPU model).
     assert len(spy.checks) == 14
     assert spy.checks[6]["names"][-1] == "model.layers.0.mlp.down_proj"
-    weights_bytes = {n: m.weight.numel() * m.weight.element_size() for n, m in model.named_modules() if n in
-                     spy.checks[-1]["names"]}
+    weights_bytes = {
+        n: m.weight.numel() * m.weight.element_size() for n, m in model.named_modules() if n in spy.checks[-1]["names"]
+    }
     for check in spy.checks:
         assert check["emptied"]
         assert check["bytes_on_disk"] >= sum(weights_bytes[n] for n in check["names"])
@@ -196,8 +197,11 @@ def _overflowing_fp16_llama():
 def test_float16_activation_overflow_names_the_layer_and_changes_nothing(method):
     model = _overflowing_fp16_llama()
     snapshot = _snapshot(model)
-    with pytest.raises(ValueError, match=r"'model\.layers\.1\.mlp\.down_proj'.*NaN/Inf.*float16.*65504.*"
-                                         r"Nothing was modified.*bfloat16 or float32"):
+    with pytest.raises(
+        ValueError,
+        match=r"'model\.layers\.1\.mlp\.down_proj'.*NaN/Inf.*float16.*65504.*"
+        r"Nothing was modified.*bfloat16 or float32",
+    ):
         method(ratio=0.4).compress(model, _batches(), progress=False)
     _assert_identical(model, snapshot)  # the two-stream run had swapped block 0 in: put back bit-identically
 
@@ -208,7 +212,11 @@ def test_gpu_check_script_cpu_smoke(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--cpu-smoke", "--out", str(out)],
-        capture_output=True, text=True, env=env, timeout=600, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=ROOT,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     import json
@@ -220,7 +228,168 @@ def test_gpu_check_script_cpu_smoke(tmp_path):
     assert "| method |" in done.stdout and result["device"] in done.stdout
     # Without CUDA and without --cpu-smoke: a clear message and a non-zero exit.
     refused = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py")], capture_output=True, text=True, env=env,
-        timeout=120, cwd=ROOT,
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd=ROOT,
     )
     assert refused.returncode != 0 and "needs CUDA" in refused.stdout + refused.stderr
+
+
+# ---------------------------------------------------------------------- block-by-block one-stream statistics
+def _factors(model):
+    return {
+        name: (module.up.weight.detach().clone(), module.down.weight.detach().clone())
+        for name, module in model.named_modules()
+        if isinstance(module, LowRankLinear)
+    }
+
+
+def _assert_same_factors(a, b, rtol=1e-4):
+    assert a.keys() == b.keys() and a
+    for name in a:
+        for x, y in zip(a[name], b[name], strict=True):
+            assert x.shape == y.shape, name
+            # Factors are unique up to sign/rotation within equal singular values; their product is not.
+        product_a, product_b = a[name][0] @ a[name][1], b[name][0] @ b[name][1]
+        assert torch.allclose(product_a, product_b, rtol=rtol, atol=rtol * product_a.abs().max()), name
+
+
+def _compress_both_ways(model, method, batches, **options):
+    """The same compression with every statistic in one pass (default budget) and block by block (budget 0)."""
+    import copy
+
+    one_pass, blockwise = copy.deepcopy(model), copy.deepcopy(model)
+    reports = [
+        method(**options).compress(one_pass, batches, progress=False),
+        method(**options, statistics_budget_gb=0).compress(blockwise, batches, progress=False),
+    ]
+    return one_pass, blockwise, reports
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_block_by_block_svd_llm_gives_the_factors_of_one_whole_model_pass(allocation, monkeypatch):
+    import prehab.calibration
+    from prehab.callbacks import base
+
+    torch.manual_seed(0)
+    model = tiny_llama(num_hidden_layers=3).eval()
+    batches = _batches(n=4)
+    passes = []
+    original = prehab.calibration.collect_input_covariances
+    monkeypatch.setattr(base, "collect_input_covariances", lambda *a, **k: passes.append(1) or original(*a, **k))
+    one_pass, blockwise, reports = _compress_both_ways(
+        model, SVDLLM, batches, ratio=0.4, calibration_batches=4, rank_allocation=allocation
+    )
+    assert len(passes) == 1  # only the default run made a whole-model pass
+    _assert_same_factors(_factors(one_pass), _factors(blockwise))
+    assert [layer.rank for layer in reports[0].layers] == [layer.rank for layer in reports[1].layers]
+    assert reports[0].calibration_samples == reports[1].calibration_samples == 4 * 4 * 16
+    for a, b in zip(reports[0].layers, reports[1].layers, strict=True):
+        assert (a.relative_error is None) == (b.relative_error is None)  # None: kept dense
+        assert a.relative_error is None or a.relative_error == pytest.approx(b.relative_error, rel=1e-5, abs=1e-9)
+    if allocation == "global":
+        assert len({layer.rank for layer in reports[1].layers}) > 2  # heterogeneous ranks
+
+
+def test_block_by_block_ranks_for_two_stream_global_allocation_match_one_pass():
+    torch.manual_seed(0)
+    model = tiny_llama(num_hidden_layers=3).eval()
+    one_pass, blockwise, reports = _compress_both_ways(
+        model, AASVD, _batches(n=3), ratio=0.4, calibration_batches=3, rank_allocation="global"
+    )
+    assert [layer.rank for layer in reports[0].layers] == [layer.rank for layer in reports[1].layers]
+    _assert_same_factors(_factors(one_pass), _factors(blockwise))
+
+
+def test_block_by_block_runs_encoder_then_decoder_from_the_dense_model():
+    from test_reliability_pipeline import _tiny_bart
+
+    torch.manual_seed(0)
+    batches = [{"input_ids": b["input_ids"], "attention_mask": torch.ones_like(b["input_ids"])} for b in _batches(3)]
+    one_pass, blockwise, reports = _compress_both_ways(_tiny_bart().eval(), SVDLLM, batches, ratio=0.5)
+    factors = _factors(blockwise)
+    assert len(factors) == 32  # encoder and decoder, cross-attention included
+    _assert_same_factors(_factors(one_pass), factors)
+
+
+def test_block_by_block_failure_at_the_last_block_restores_the_model(monkeypatch):
+    torch.manual_seed(0)
+    model = tiny_llama(num_hidden_layers=3).eval()
+    snapshot = _snapshot(model)
+    solve = SVDLLM.solve_layer
+
+    def failing(self, name, weight, rank, stats):
+        if name.startswith("model.layers.2.mlp"):
+            raise RuntimeError("injected failure")
+        return solve(self, name, weight, rank, stats)
+
+    monkeypatch.setattr(SVDLLM, "solve_layer", failing)
+    spy = _Spy(monkeypatch)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        SVDLLM(ratio=0.4, statistics_budget_gb=0).compress(model, _batches(), progress=False)
+    assert spy.checks and spy.checks[-1]["bytes_on_disk"]  # earlier blocks' dense layers had gone to the file
+    _assert_identical(model, snapshot)
+
+
+def test_block_by_block_falls_back_to_one_pass_with_a_warning_when_targets_leave_the_blocks():
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    with pytest.warns(UserWarning, match="outside a repeated block list, so they are collected in one pass"):
+        report = SVDLLM(ratio=0.4, targets=[r"layers\.\d+\.mlp", "lm_head"], statistics_budget_gb=0).compress(
+            model, _batches(), progress=False
+        )
+    assert any(layer.name == "lm_head" and layer.rank for layer in report.layers)
+
+
+@pytest.mark.parametrize("budget", [-1, "2", float("nan")])
+def test_bad_statistics_budget_is_refused(budget):
+    with pytest.raises(ValueError, match=r"statistics_budget_gb=.* is invalid: use a number of GiB >= 0"):
+        SVDLLM(statistics_budget_gb=budget)
+
+
+def _peak_extra_mib(method: str, blocks: int) -> float:
+    import json
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    run = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "memory_scale_script.py"), method, str(blocks)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])["extra_mib"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc peak-RSS reset")
+@pytest.mark.parametrize("method", ["svd_llm", "aa_svd", "saes_svd"])
+def test_peak_extra_memory_does_not_grow_with_depth(method):
+    # 16 blocks of hidden 256 / MLP 1024: all statistics at once would take ~150 MiB more than 4 blocks'
+    # (measured: one-pass SVD-LLM 103 -> 252 MiB); one block's at a time do not grow.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:  # two processes side by side: each measures its own peak
+        four, sixteen = pool.map(_peak_extra_mib, [method, method], [4, 16])
+    assert sixteen <= 1.5 * four, (four, sixteen)
+
+
+def test_block_by_block_ratio_sweep_ends_at_the_last_ratio_and_allocates_once():
+    batches = _batches()
+    torch.manual_seed(0)
+    reference = tiny_llama(num_hidden_layers=2)
+    SVDLLM(ratio=0.5, rank_allocation="global").compress(reference, batches, progress=False)
+    torch.manual_seed(0)
+    model = tiny_llama(num_hidden_layers=2)
+    callback = SVDLLM(ratios=[0.3, 0.5], rank_allocation="global", statistics_budget_gb=0, compare=["aa_svd"])
+    report = callback.sweep(model, batches, progress=False)
+    assert [(row.method, row.ratio) for row in report.sweep] == [
+        ("aa_svd", 0.3),
+        ("aa_svd", 0.5),
+        ("svd_llm", 0.3),
+        ("svd_llm", 0.5),
+    ]
+    _assert_same_factors(_factors(model), _factors(reference))  # earlier runs restored, then block by block

@@ -10,8 +10,15 @@ import torch
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-TINY_VIT = {"img_size": 28, "patch_size": 7, "in_chans": 1, "embed_dim": 24, "depth": 2, "num_heads": 2,
-            "mlp_ratio": 2.0}
+TINY_VIT = {
+    "img_size": 28,
+    "patch_size": 7,
+    "in_chans": 1,
+    "embed_dim": 24,
+    "depth": 2,
+    "num_heads": 2,
+    "mlp_ratio": 2.0,
+}
 
 
 def write_idx(path: Path, data: torch.Tensor) -> None:

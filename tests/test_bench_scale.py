@@ -1,0 +1,20 @@
+"""The LLaMA-7B-shape projection benchmark's --smoke mode: subprocess per run, per-block difference, projection."""
+
+import runpy
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).parent.parent / "benchmarks" / "bench_scale.py"
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc peak-RSS reset")
+def test_smoke_mode_measures_one_and_two_blocks_and_projects(tmp_path):
+    main = runpy.run_path(str(BENCH))["main"]
+    rows = main(["--smoke", "--variants", "svd_llm", "--out", str(tmp_path)])
+    assert [(r["variant"], r["blocks"]) for r in rows] == [("svd_llm", 1), ("svd_llm", 2)]
+    for row in rows:
+        assert row["peak_extra_mib"] > 0 and row["seconds"]["total"] > 0 and row["tokens"] == 32
+    text = (tmp_path / "results.md").read_text()
+    assert "| svd_llm | 2 | 32 |" in text and "projected hours" in text
+    assert "| svd_llm | " in text.split("projected hours")[1]  # the projection row
