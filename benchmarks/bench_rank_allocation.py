@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads")
     parser.add_argument("--out", help="folder: rows.jsonl (resumable: finished rows are skipped), results.md/json")
     parser.add_argument("--smoke", action="store_true", help="tiny random Llama, random tokens (CI)")
+    parser.add_argument("--report-only", action="store_true", help="only tabulate the rows already in --out")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -207,8 +208,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if out:
         out.mkdir(parents=True, exist_ok=True)
     store = Rows(out / "rows.jsonl") if out else Rows(Path("/dev/null"))
-    dense = {name: perplexity(model, data) for name, data in evaluation.items()}
     names = list(evaluation)
+    dense_key = f"{args.eval_split}|dense|{','.join(names)}"
+    if dense_key not in store:
+        row = {"key": dense_key, "perplexity": {name: perplexity(model, data) for name, data in evaluation.items()}}
+        if out:
+            store.add(row)
+        store.rows[dense_key] = row
+    dense = store.rows[dense_key]["perplexity"]
     print(f"eval split {args.eval_split}; dense " + ", ".join(f"{n} {v:.2f}" for n, v in dense.items()))
     print(
         "| draw | ratio | method | ranks | weighting | refine | targeted params | " + " | ".join(names) + " | seconds |"
@@ -227,6 +234,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     key += f"@{args.refine_lr:g}" if refine else ""
                     if key in store:
                         rows.append(store.rows[key])
+                        continue
+                    if args.report_only:
                         continue
                     loader = loader if loader is not None else calibration(draw)
                     options = dict(ratio=ratio, calibration_batches=len(loader), plots=False, evaluate=False)

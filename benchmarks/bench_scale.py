@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_check's random Llama
+
 SHAPES = {"hidden": 4096, "mlp": 11008, "heads": 32, "vocab": 32000}
 SMOKE_SHAPES = {"hidden": 64, "mlp": 160, "heads": 4, "vocab": 128}
 # Calibration sets of the papers' LLaMA-7B timings: SVD-LLM 256 x 2048 tokens; SAES-SVD 128 x 2048 (its Table
@@ -45,25 +47,14 @@ def _status(field: str) -> int:
 
 def child(variant: str, blocks: int, windows: int, seq_len: int, smoke: bool) -> dict:
     """One compression in this process; returns its measurements."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from gpu_check import _random_llama
 
     from prehab.callbacks import AASVD, SAESSVD, SVDLLM
     from prehab.stats import calibration_forward_context
 
     shapes = SMOKE_SHAPES if smoke else SHAPES
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=shapes["vocab"],
-        hidden_size=shapes["hidden"],
-        intermediate_size=shapes["mlp"],
-        num_hidden_layers=blocks,
-        num_attention_heads=shapes["heads"],
-        num_key_value_heads=shapes["heads"],
-        max_position_embeddings=max(seq_len, 64),
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = _random_llama(shapes["hidden"], shapes["mlp"], shapes["heads"], blocks, shapes["vocab"], torch.float32)
+    model.eval()
     generator = torch.Generator().manual_seed(0)
     batches = [
         {"input_ids": torch.randint(3, shapes["vocab"], (1, seq_len), generator=generator)} for _ in range(windows)

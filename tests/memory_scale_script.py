@@ -12,9 +12,11 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from prehab.callbacks import AASVD, SAESSVD, SVDLLM
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import tiny_llama  # noqa: E402
+
+from prehab.callbacks import AASVD, SAESSVD, SVDLLM  # noqa: E402
 
 
 def _status(field: str) -> int:
@@ -28,18 +30,9 @@ def main() -> None:
     method, blocks = sys.argv[1], int(sys.argv[2])
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=blocks,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(
+        vocab_size=64, hidden_size=256, intermediate_size=1024, num_hidden_layers=blocks, num_key_value_heads=4
+    ).eval()
     generator = torch.Generator().manual_seed(0)
     batches = [{"input_ids": torch.randint(3, 64, (4, 64), generator=generator)} for _ in range(4)]
     callback = {

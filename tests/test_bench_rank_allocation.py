@@ -8,27 +8,13 @@ BENCH = Path(__file__).parent.parent / "benchmarks" / "bench_rank_allocation.py"
 
 def test_smoke_mode_compares_uniform_and_global_at_the_same_budget(tmp_path, capsys):
     main = runpy.run_path(str(BENCH))["main"]
-    rows = main(
-        [
-            "--smoke",
-            "--ratios",
-            "0.4",
-            "--weightings",
-            "relative",
-            "raw",
-            "--refine-steps",
-            "1",
-            "--draws",
-            "2",
-            "--out",
-            str(tmp_path / "out"),
-        ]
-    )
+    args = "--smoke --ratios 0.4 --weightings equal raw --refine-steps 1 --draws 2 --out".split()
+    rows = main([*args, str(tmp_path / "out")])
     variants = {(r["method"], r["rank_allocation"], r["weighting"], r["refine_steps"]) for r in rows}
     expected = {
         (m, a, w, 0)
         for m in ("svd_llm", "saes_svd")
-        for a, w in (("uniform", "-"), ("global", "relative"), ("global", "raw"))
+        for a, w in (("uniform", "-"), ("global", "equal"), ("global", "raw"))
     }
     # Refinement: on top of the last allocation, two-stream methods only.
     assert variants == expected | {("saes_svd", "global", "raw", 1)}
@@ -43,22 +29,8 @@ def test_smoke_mode_compares_uniform_and_global_at_the_same_budget(tmp_path, cap
     out = capsys.readouterr().out
     assert "| 0.4 | saes_svd | global | raw | 1 |" in out
     assert (tmp_path / "out" / "results.md").read_text() in out
-    # Resumable: a second run computes nothing and gives the same rows.
-    again = main(
-        [
-            "--smoke",
-            "--ratios",
-            "0.4",
-            "--weightings",
-            "relative",
-            "raw",
-            "--refine-steps",
-            "1",
-            "--draws",
-            "2",
-            "--out",
-            str(tmp_path / "out"),
-        ]
-    )
+    # Resumable: a second run computes nothing and gives the same rows; --report-only never computes.
+    again = main([*args, str(tmp_path / "out")])
+    assert len(main([*args[:-1], "--ratios", "0.2", "--out", str(tmp_path / "out"), "--report-only"])) == 0
     assert [r["perplexity"] for r in again] == [r["perplexity"] for r in rows]
     assert "[row]" not in capsys.readouterr().out
