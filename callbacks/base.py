@@ -535,7 +535,8 @@ class LowRankCompression(Callback):
         stats = None
         # Block-by-block one-stream statistics when they do not fit statistics_budget_gb: `blocks()` gives a pass.
         opened = None
-        if self._over_budget(model, targets, dataloader):
+        spectra_cached = shared_statistics is not None and self._spectrum_key() in shared_statistics.get("spectra", {})
+        if self._over_budget(model, targets, dataloader) and not (self.two_stream and spectra_cached):
             batches = list(take_batches(dataloader, self.calibration_batches, rank, world_size))
             opened = [self._open_blocks(model, targets, batches, progress)]  # None: cannot (warned)
         blockwise = opened is not None and opened[0] is not None
@@ -603,9 +604,7 @@ class LowRankCompression(Callback):
         elif blockwise:
             store = RollbackStore(dense_weight(next(iter(targets.values()))).device) if rollback is None else rollback
             try:
-                for block_stats, count in one_stream_blocks(
-                    model, targets, batches, self.blocks, progress, self.method
-                ):
+                for block_stats, count in blocks():
                     samples = max(samples, count)
                     for name in block_stats:  # the block checked before any of its layers is replaced
                         self._check_statistics([name], {"G": block_stats[name]})
