@@ -151,11 +151,11 @@ def _report(rows: list[dict], dense: dict[str, float], names: list[str], args) -
                         r["perplexity"][n] / uniform[r["draw"]]["perplexity"][n] for r in mine if r["draw"] in uniform
                     ]
                     baseline = allocation == "uniform" and not refine
-                    paired.append(
-                        "1"
-                        if baseline or not quotients
-                        else f"{sum(quotients) / len(quotients):.3f} [{min(quotients):.3f}, {max(quotients):.3f}]"
-                    )
+                    if baseline or not quotients:  # no uniform row of the same draw: nothing to pair with
+                        paired.append("1" if baseline else "-")
+                    else:
+                        mean = sum(quotients) / len(quotients)
+                        paired.append(f"{mean:.3f} [{min(quotients):.3f}, {max(quotients):.3f}]")
                 lines.append(
                     f"| {ratio:g} | {method} | {allocation} | {weighting} | {refine} | "
                     f"{mine[0]['target_params_after']:,} | "

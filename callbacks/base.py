@@ -177,7 +177,7 @@ class LowRankCompression(Callback):
             ``Σ_{i>r} σ_i² / Σ_i σ_i²``: every layer as good as the budget allows the worst), ``"relative"`` (the
             smallest sum of relative errors) or ``"raw"`` (the smallest sum of tail energies: layers with large
             activations weigh more). Chosen on WikiText-2 valid (SmolLM2-135M, SVD-LLM; perplexity at 20% / 40%
-            removed): uniform 74.3 / 218.3, ``"equal"`` 66.4 / 205.4, ``"relative"`` 70.2 / 619, ``"raw"`` 711 at
+            removed): uniform 74.3 / 218.3, ``"equal"`` 66.4 / 205.9, ``"relative"`` 70.2 / 619, ``"raw"`` 711 at
             20% (sums of errors buy many layers' zero error by keeping them dense and cut a few to the floor).
         refine_steps: two-stream methods only: passes of Adam over the calibration batches after each block is
             factorized, adjusting that block's factors (nothing else) to reproduce the dense block's output
