@@ -187,7 +187,8 @@ class LowRankCompression(Callback):
             ``rank_allocation="global"``) are float64 ``in x in`` covariances, one per targeted layer. When all of
             them take at most this many GiB they are collected in one pass over the whole model (a ``ratios`` sweep
             then shares that pass); above it, block by block (memory of one block's statistics; each ratio pays
-            its own pass; needs the targets inside a repeated block list, else one pass with a warning).
+            its own pass, and ``"global"`` ranks one more, since every spectrum is needed before the first block
+            is solved; needs the targets inside a repeated block list, else one pass with a warning).
             LLaMA-7B's take ~44 GiB, SmolLM2-135M's ~1 GiB. 0: always block by block; ``inf`` (YAML ``.inf``):
             always in one pass.
     """
