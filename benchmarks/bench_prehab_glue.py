@@ -257,7 +257,8 @@ class Benchmark:
                 name = self.prehab_model(task, candidate)
                 self.dense_row(task, name, "heldout", "heldout")
                 self.surgery_rows(task, name, "svd_llm", self.args.sweep_ratios, 0, "heldout", "sweep")
-                rows = self.rows.select(stage="sweep", task=task, model=name)
+                rows = [r for r in self.rows.select(stage="sweep", task=task, model=name)
+                        if r["ratio"] in self.args.sweep_ratios]
                 scores[name] = statistics.fmean(r["score"] for r in rows)
             self.dense_row(task, "finetuned", "heldout", "heldout")
             self.surgery_rows(task, "finetuned", "svd_llm", self.args.sweep_ratios, 0, "heldout", "sweep")

@@ -252,7 +252,8 @@ class Benchmark:
             regularizers[name] = candidate.get("regularizer", "none")
             self.dense_row(name, "heldout", "heldout")
             self.surgery_rows(name, "svd_llm", self.args.sweep_ratios, 0, "heldout", "sweep")
-            scores[name] = statistics.fmean(r["top1"] for r in self.rows.select(stage="sweep", model=name))
+            scores[name] = statistics.fmean(r["top1"] for r in self.rows.select(stage="sweep", model=name)
+                                            if r["ratio"] in self.args.sweep_ratios)
         self.dense_row("pretrained", "heldout", "heldout")
         self.surgery_rows("pretrained", "svd_llm", self.args.sweep_ratios, 0, "heldout", "sweep")
         chosen = {}

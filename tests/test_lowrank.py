@@ -23,6 +23,29 @@ def test_lowrank_linear_computes_up_down_with_bias():
     assert sum(p.numel() for p in layer.parameters()) == 2 * (5 + 7) + 5
 
 
+def test_fast_path_matches_the_module_path_and_yields_to_hooks():
+    """The functional forward gives the factors' own result bit for bit; any hook on a factor (or a global one)
+    takes the module path, so hooks, peft wrappers and backward hooks still see the factors."""
+    torch.manual_seed(0)
+    layer = LowRankLinear(7, 5, 3, bias=True)
+    x = torch.randn(2, 4, 7, requires_grad=True)
+    fast = layer(x)
+    assert torch.equal(fast, layer.up(layer.down(x)))
+    fast.sum().backward()
+    assert layer.down.weight.grad is not None and x.grad is not None
+    seen = []
+    handle = layer.down.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    layer(x)
+    handle.remove()
+    assert seen == [torch.Size([2, 4, 3])]
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: seen.append(type(m).__name__))
+    layer(x)
+    handle.remove()
+    assert seen[1:] == ["Linear", "Linear", "LowRankLinear"]
+    layer(x)
+    assert len(seen) == 4  # hooks removed: the fast path again, nothing recorded
+
+
 def test_conv1d_weight_orientation():
     conv = Conv1D(6, 4)  # nx=4 in, nf=6 out; weight stored 4 x 6
     x = torch.randn(3, 4)

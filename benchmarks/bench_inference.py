@@ -1,0 +1,222 @@
+"""Inference latency of a low-rank model against its dense original: prefill and greedy generation (issue 12, 5).
+
+    python benchmarks/bench_inference.py --model assets/smollm2-135m --threads 2 --out benchmarks/out/inference
+    python benchmarks/bench_inference.py --smoke --out /tmp/smoke          # tiny random Llama, seconds
+
+Every block Linear is replaced by a ``LowRankLinear`` at each ``--ratios`` (plain SVD of the weight: latency depends
+on the shapes, not on how the factors were found). Measured in one process, settings interleaved per repeat so
+machine noise hits all of them alike, median of ``--repeats``:
+
+- prefill: one forward of ``B x --prefill-tokens`` tokens without a KV cache, for each ``--prefill-batches`` B;
+- generation: greedy ``generate`` with a KV cache after a ``--prompt-tokens`` prompt; the time per new token is
+  ``(T(n) − T(1)) / (n − 1)`` for ``n = --new-tokens``, so the prompt's prefill is not counted;
+- where the time goes (``--breakdown``): each distinct block-Linear shape (dense, or the two factor GEMMs) and the
+  LM head timed alone on inputs of the same size, times their counts; the rest of the model (attention, norms,
+  embeddings, Python) is the whole forward minus these.
+
+Writes ``OUT/results.md`` and ``OUT/results.json``; the ratios to dense are the numbers to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, default_asset  # noqa: E402
+
+from prehab.linalg import rank_from_ratio, truncated_svd  # noqa: E402
+from prehab.lowrank import LowRankLinear, dense_weight, replace_module  # noqa: E402
+from prehab.targets import resolve_targets  # noqa: E402
+
+
+def lowrank_copy(dense: nn.Module, ratio: float) -> nn.Module:
+    """``dense`` with every default target (block Linears) factorized by plain SVD at ``ratio`` removed."""
+    model = copy.deepcopy(dense)
+    for name, layer in resolve_targets(model).items():
+        weight = dense_weight(layer)
+        rank = rank_from_ratio(weight.shape[0], weight.shape[1], ratio)
+        left, singular, right = truncated_svd(weight, rank)
+        root = singular.sqrt()
+        replace_module(model, name, LowRankLinear.from_factors(left * root, root[:, None] * right, layer.bias, weight))
+    return model.eval()
+
+
+def seconds(fn: Callable[[], Any]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def interleaved(settings: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median seconds of each callable; one warm-up each, then ``repeats`` rounds over all of them in turn."""
+    for fn in settings.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in settings}
+    for _ in range(repeats):
+        for name, fn in settings.items():
+            times[name].append(seconds(fn))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def linear_shapes(model: nn.Module) -> Counter:
+    """``(in, out, rank or None) -> count`` of the block Linears (dense or low-rank) of ``model``."""
+    shapes: Counter = Counter()
+    for module in model.modules():
+        if isinstance(module, LowRankLinear):
+            shapes[(module.in_features, module.out_features, module.rank)] += 1
+    if not shapes:
+        for layer in resolve_targets(model).values():
+            out_features, in_features = dense_weight(layer).shape
+            shapes[(in_features, out_features, None)] += 1
+    return shapes
+
+
+def layer_time(in_features: int, out_features: int, rank: int | None, tokens: int, repeats: int) -> float:
+    layer = nn.Linear(in_features, out_features) if rank is None else LowRankLinear(in_features, out_features, rank)
+    x = torch.randn(1, tokens, in_features)
+    loops = max(1, 2048 // tokens)  # a decode step is microseconds: time many calls at once
+
+    def run() -> None:
+        for _ in range(loops):
+            layer(x)
+
+    return interleaved({"layer": run}, repeats)["layer"] / loops
+
+
+def breakdown(models: dict[str, nn.Module], tokens: int, repeats: int, whole: dict[str, float]) -> dict[str, Any]:
+    """Seconds in block Linears, the LM head and the rest of one forward of ``tokens`` tokens, per setting."""
+    parts = {}
+    for name, model in models.items():
+        shapes = {(i, o, r): (count, layer_time(i, o, r, tokens, repeats))
+                  for (i, o, r), count in linear_shapes(model).items()}
+        linears = sum(count * each for count, each in shapes.values())
+        head = model.get_output_embeddings()
+        head_s = layer_time(head.in_features, head.out_features, None, tokens, repeats) if head is not None else 0.0
+        parts[name] = {"block_linears": linears, "lm_head": head_s, "rest": max(0.0, whole[name] - linears - head_s),
+                       "total": whole[name],
+                       "per_shape": [{"in": i, "out": o, "rank": r, "count": count, "seconds": each}
+                                     for (i, o, r), (count, each) in shapes.items()]}
+    return parts
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+
+    if args.smoke:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        from gpu_check import _random_llama
+
+        dense = _random_llama(hidden=64, mlp=128, heads=4, blocks=2, vocab=256, dtype=torch.float32).eval()
+    else:
+        dense = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    vocab = dense.config.vocab_size
+    models = {"dense": dense, **{f"{r:g}": lowrank_copy(dense, r) for r in args.ratios}}
+    params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
+    generator = torch.Generator().manual_seed(0)
+    results: dict[str, Any] = {"threads": torch.get_num_threads(), "params": params, "prefill": {}, "decode": {}}
+    with torch.inference_mode():
+        for batch in args.prefill_batches:
+            ids = torch.randint(3, vocab, (batch, args.prefill_tokens), generator=generator)
+            results["prefill"][f"{batch}x{args.prefill_tokens}"] = interleaved(
+                {n: (lambda m=m: m(input_ids=ids, use_cache=False)) for n, m in models.items()}, args.repeats)
+        prompt = torch.randint(3, vocab, (1, args.prompt_tokens), generator=generator)
+
+        def generate(model: nn.Module, new: int) -> Callable[[], Any]:
+            return lambda: model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                          pad_token_id=0)
+
+        long = interleaved({n: generate(m, args.new_tokens) for n, m in models.items()}, args.repeats)
+        short = interleaved({n: generate(m, 1) for n, m in models.items()}, args.repeats)
+        results["decode"] = {n: (long[n] - short[n]) / (args.new_tokens - 1) for n in models}
+        if args.breakdown:
+            ids = torch.randint(3, vocab, (1, args.prefill_tokens), generator=generator)
+            whole = interleaved({n: (lambda m=m: m(input_ids=ids, use_cache=False)) for n, m in models.items()},
+                                args.repeats)
+            results["breakdown_prefill"] = breakdown(models, args.prefill_tokens, args.repeats, whole)
+            results["breakdown_decode"] = breakdown(models, 1, args.repeats, results["decode"])
+    return results
+
+
+def write_report(results: dict[str, Any], args: argparse.Namespace, out: Path) -> str:
+    names = list(results["params"])
+    lines = [f"# Inference latency, low-rank vs dense ({'smoke: random Llama' if args.smoke else args.model}, "
+             f"{results['threads']} threads, median of {args.repeats})", "",
+             "Command: `python benchmarks/bench_inference.py " + " ".join(sys.argv[1:]) + "`", "",
+             "| setting | parameters | " + " | ".join(f"prefill {k} (ms, x dense)" for k in results["prefill"])
+             + " | decode per token (ms, x dense) |",
+             "|---|---:|" + "---:|" * (len(results["prefill"]) + 1)]
+    for name in names:
+        cells = [f"{results['params'][name] / 1e6:.1f} M"]
+        for times in results["prefill"].values():
+            cells.append(f"{1e3 * times[name]:.1f} ({times[name] / times['dense']:.2f}x)")
+        decode = results["decode"]
+        cells.append(f"{1e3 * decode[name]:.2f} ({decode[name] / decode['dense']:.2f}x)")
+        label = "dense" if name == "dense" else f"{name} removed"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for key, title in (("breakdown_prefill", f"prefill 1x{args.prefill_tokens}"), ("breakdown_decode", "decode")):
+        if key not in results:
+            continue
+        lines += ["", f"Where the time goes, {title} (ms; layers timed alone, rest = whole − layers):", "",
+                  "| setting | block Linears | LM head | rest | whole |", "|---|---:|---:|---:|---:|"]
+        for name, part in results[key].items():
+            lines.append(f"| {name} | " + " | ".join(f"{1e3 * part[k]:.2f}" for k in
+                                                     ("block_linears", "lm_head", "rest", "total")) + " |")
+        dense_shapes = {(s["in"], s["out"]): s["seconds"] for s in results[key]["dense"]["per_shape"]}
+        lines += ["", "One layer alone (µs): dense, and low-rank at each setting (rank, x dense):", "",
+                  "| in x out | count | dense | " + " | ".join(n for n in results[key] if n != "dense") + " |",
+                  "|---|---:|---:|" + "---:|" * (len(results[key]) - 1)]
+        for (i, o), dense_s in dense_shapes.items():
+            cells = []
+            for name, part in results[key].items():
+                if name == "dense":
+                    continue
+                hit = [s for s in part["per_shape"] if (s["in"], s["out"]) == (i, o)]
+                cells.append(f"{1e6 * hit[0]['seconds']:.1f} (r {hit[0]['rank']}, {hit[0]['seconds'] / dense_s:.2f}x)"
+                             if hit else "-")
+            count = next(s["count"] for s in results[key]["dense"]["per_shape"] if (s["in"], s["out"]) == (i, o))
+            lines.append(f"| {i} x {o} | {count} | {1e6 * dense_s:.1f} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    (out / "results.md").write_text(text)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=default_asset("smollm2-135m") or str(REPO / "assets" / "smollm2-135m"))
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "inference"))
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4, 0.6])
+    parser.add_argument("--prefill-tokens", type=int, default=512)
+    parser.add_argument("--prefill-batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--breakdown", action="store_true", help="time the Linear layers alone too")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--smoke", action="store_true", help="tiny random Llama, short sequences (for tests)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.prefill_tokens, args.prefill_batches, args.prompt_tokens = 16, [1, 2], 4
+        args.new_tokens, args.repeats, args.breakdown = 4, 2, True
+    if args.new_tokens < 2:
+        parser.error("--new-tokens must be at least 2 (the time per token is a difference of two runs).")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(write_report(run(args), args, out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
