@@ -7,12 +7,14 @@ Every block Linear is replaced by a ``LowRankLinear`` at each ``--ratios`` (plai
 on the shapes, not on how the factors were found). Measured in one process, settings interleaved per repeat so
 machine noise hits all of them alike, median of ``--repeats``:
 
-- prefill: one forward of ``B x --prefill-tokens`` tokens without a KV cache, for each ``--prefill-batches`` B;
+- prefill: one forward of ``B x --prefill-tokens`` tokens without a KV cache, for each ``--prefill-batches`` B
+  (all positions' logits, as for perplexity), and for the first B with the last position's logits only (what
+  ``generate`` computes for a prompt: the LM head runs on one token);
 - generation: greedy ``generate`` with a KV cache after a ``--prompt-tokens`` prompt; the time per new token is
   ``(T(n) − T(1)) / (n − 1)`` for ``n = --new-tokens``, so the prompt's prefill is not counted;
-- where the time goes (``--breakdown``): each distinct block-Linear shape (dense, or the two factor GEMMs) and the
-  LM head timed alone on inputs of the same size, times their counts; the rest of the model (attention, norms,
-  embeddings, Python) is the whole forward minus these.
+- where the time goes (``--breakdown``): the model's own block Linears (dense, or the two factor GEMMs), each called
+  once in turn on inputs of the same size (so each reads its weights from memory, as in the model), and the LM
+  head; the rest (attention, norms, embeddings, the generate loop's Python) is the whole forward minus these.
 
 Writes ``OUT/results.md`` and ``OUT/results.json``; the ratios to dense are the numbers to read.
 """
@@ -25,9 +27,9 @@ import json
 import statistics
 import sys
 import time
-from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,6 +54,20 @@ def lowrank_copy(dense: nn.Module, ratio: float) -> nn.Module:
     return model.eval()
 
 
+class _ModuleCallsLowRank(LowRankLinear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+
+def module_calls(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose LowRankLinears call their factors as modules (no functional fast path)."""
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if isinstance(module, LowRankLinear):
+            module.__class__ = _ModuleCallsLowRank
+    return model
+
+
 def seconds(fn: Callable[[], Any]) -> float:
     started = time.perf_counter()
     fn()
@@ -69,44 +85,53 @@ def interleaved(settings: dict[str, Callable[[], Any]], repeats: int) -> dict[st
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def linear_shapes(model: nn.Module) -> Counter:
-    """``(in, out, rank or None) -> count`` of the block Linears (dense or low-rank) of ``model``."""
-    shapes: Counter = Counter()
-    for module in model.modules():
-        if isinstance(module, LowRankLinear):
-            shapes[(module.in_features, module.out_features, module.rank)] += 1
-    if not shapes:
-        for layer in resolve_targets(model).values():
+def block_linears(model: nn.Module) -> dict[tuple[int, int, int | None], list[nn.Module]]:
+    """``(in, out, rank or None) -> layers`` of the block Linears (low-rank, else the dense targets), in model order."""
+    groups: dict[tuple[int, int, int | None], list[nn.Module]] = {}
+    lowrank = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+    for layer in lowrank or list(resolve_targets(model).values()):
+        if isinstance(layer, LowRankLinear):
+            key = (layer.in_features, layer.out_features, layer.rank)
+        else:
             out_features, in_features = dense_weight(layer).shape
-            shapes[(in_features, out_features, None)] += 1
-    return shapes
+            key = (in_features, out_features, None)
+        groups.setdefault(key, []).append(layer)
+    return groups
 
 
-def layer_time(in_features: int, out_features: int, rank: int | None, tokens: int, repeats: int) -> float:
-    layer = nn.Linear(in_features, out_features) if rank is None else LowRankLinear(in_features, out_features, rank)
+def layers_time(layers: list[nn.Module], in_features: int, tokens: int, repeats: int) -> float:
+    """Median seconds to call each of ``layers`` once, in turn, on ``tokens`` tokens: every call reads its own
+    weights, as in the model (one layer looped would keep its weights in cache and flatter small inputs)."""
     x = torch.randn(1, tokens, in_features)
-    loops = max(1, 2048 // tokens)  # a decode step is microseconds: time many calls at once
 
     def run() -> None:
-        for _ in range(loops):
+        for layer in layers:
             layer(x)
 
-    return interleaved({"layer": run}, repeats)["layer"] / loops
+    return interleaved({"layers": run}, repeats)["layers"]
 
 
 def breakdown(models: dict[str, nn.Module], tokens: int, repeats: int, whole: dict[str, float]) -> dict[str, Any]:
     """Seconds in block Linears, the LM head and the rest of one forward of ``tokens`` tokens, per setting."""
     parts = {}
     for name, model in models.items():
-        shapes = {(i, o, r): (count, layer_time(i, o, r, tokens, repeats))
-                  for (i, o, r), count in linear_shapes(model).items()}
-        linears = sum(count * each for count, each in shapes.values())
+        shapes = {
+            key: (len(layers), layers_time(layers, key[0], tokens, repeats))
+            for key, layers in block_linears(model).items()
+        }
+        linears = sum(total for _, total in shapes.values())
         head = model.get_output_embeddings()
-        head_s = layer_time(head.in_features, head.out_features, None, tokens, repeats) if head is not None else 0.0
-        parts[name] = {"block_linears": linears, "lm_head": head_s, "rest": max(0.0, whole[name] - linears - head_s),
-                       "total": whole[name],
-                       "per_shape": [{"in": i, "out": o, "rank": r, "count": count, "seconds": each}
-                                     for (i, o, r), (count, each) in shapes.items()]}
+        head_s = layers_time([head], head.in_features, tokens, repeats) if head is not None else 0.0
+        parts[name] = {
+            "block_linears": linears,
+            "lm_head": head_s,
+            "rest": max(0.0, whole[name] - linears - head_s),
+            "total": whole[name],
+            "per_shape": [
+                {"in": i, "out": o, "rank": r, "count": count, "seconds": total / count}
+                for (i, o, r), (count, total) in shapes.items()
+            ],
+        }
     return parts
 
 
@@ -122,6 +147,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         dense = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     vocab = dense.config.vocab_size
     models = {"dense": dense, **{f"{r:g}": lowrank_copy(dense, r) for r in args.ratios}}
+    for ratio in args.module_calls:  # the same factors through two nn.Linear calls (LowRankLinear before its fast path)
+        models[f"{ratio:g} module calls"] = module_calls(models.get(f"{ratio:g}") or lowrank_copy(dense, ratio))
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
     generator = torch.Generator().manual_seed(0)
     results: dict[str, Any] = {"threads": torch.get_num_threads(), "params": params, "prefill": {}, "decode": {}}
@@ -129,20 +156,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for batch in args.prefill_batches:
             ids = torch.randint(3, vocab, (batch, args.prefill_tokens), generator=generator)
             results["prefill"][f"{batch}x{args.prefill_tokens}"] = interleaved(
-                {n: (lambda m=m: m(input_ids=ids, use_cache=False)) for n, m in models.items()}, args.repeats)
+                {n: (lambda m=m, ids=ids: m(input_ids=ids, use_cache=False)) for n, m in models.items()}, args.repeats
+            )
+            if batch == args.prefill_batches[0]:  # what generate's prefill does: logits of the last position only
+                results["prefill"][f"{batch}x{args.prefill_tokens}, last logits"] = interleaved(
+                    {
+                        n: (lambda m=m, ids=ids: m(input_ids=ids, use_cache=False, logits_to_keep=1))
+                        for n, m in models.items()
+                    },
+                    args.repeats,
+                )
         prompt = torch.randint(3, vocab, (1, args.prompt_tokens), generator=generator)
 
         def generate(model: nn.Module, new: int) -> Callable[[], Any]:
-            return lambda: model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                          pad_token_id=0)
+            return lambda: model.generate(
+                prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0
+            )
 
         long = interleaved({n: generate(m, args.new_tokens) for n, m in models.items()}, args.repeats)
         short = interleaved({n: generate(m, 1) for n, m in models.items()}, args.repeats)
         results["decode"] = {n: (long[n] - short[n]) / (args.new_tokens - 1) for n in models}
         if args.breakdown:
             ids = torch.randint(3, vocab, (1, args.prefill_tokens), generator=generator)
-            whole = interleaved({n: (lambda m=m: m(input_ids=ids, use_cache=False)) for n, m in models.items()},
-                                args.repeats)
+            whole = interleaved(
+                {n: (lambda m=m, ids=ids: m(input_ids=ids, use_cache=False)) for n, m in models.items()}, args.repeats
+            )
             results["breakdown_prefill"] = breakdown(models, args.prefill_tokens, args.repeats, whole)
             results["breakdown_decode"] = breakdown(models, 1, args.repeats, results["decode"])
     return results
@@ -150,40 +188,60 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def write_report(results: dict[str, Any], args: argparse.Namespace, out: Path) -> str:
     names = list(results["params"])
-    lines = [f"# Inference latency, low-rank vs dense ({'smoke: random Llama' if args.smoke else args.model}, "
-             f"{results['threads']} threads, median of {args.repeats})", "",
-             "Command: `python benchmarks/bench_inference.py " + " ".join(sys.argv[1:]) + "`", "",
-             "| setting | parameters | " + " | ".join(f"prefill {k} (ms, x dense)" for k in results["prefill"])
-             + " | decode per token (ms, x dense) |",
-             "|---|---:|" + "---:|" * (len(results["prefill"]) + 1)]
+    lines = [
+        f"# Inference latency, low-rank vs dense ({'smoke: random Llama' if args.smoke else args.model}, "
+        f"{results['threads']} threads, median of {args.repeats})",
+        "",
+        "Command: `python benchmarks/bench_inference.py " + " ".join(sys.argv[1:]) + "`",
+        "",
+        "| setting | parameters | "
+        + " | ".join(f"prefill {k} (ms, x dense)" for k in results["prefill"])
+        + " | decode per token (ms, x dense) |",
+        "|---|---:|" + "---:|" * (len(results["prefill"]) + 1),
+    ]
     for name in names:
         cells = [f"{results['params'][name] / 1e6:.1f} M"]
         for times in results["prefill"].values():
             cells.append(f"{1e3 * times[name]:.1f} ({times[name] / times['dense']:.2f}x)")
         decode = results["decode"]
         cells.append(f"{1e3 * decode[name]:.2f} ({decode[name] / decode['dense']:.2f}x)")
-        label = "dense" if name == "dense" else f"{name} removed"
+        label = "dense" if name == "dense" else f"{name.split()[0]} removed" + (", module calls" if " " in name else "")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for key, title in (("breakdown_prefill", f"prefill 1x{args.prefill_tokens}"), ("breakdown_decode", "decode")):
         if key not in results:
             continue
-        lines += ["", f"Where the time goes, {title} (ms; layers timed alone, rest = whole − layers):", "",
-                  "| setting | block Linears | LM head | rest | whole |", "|---|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            f"Where the time goes, {title} (ms; layers timed alone, rest = whole − layers):",
+            "",
+            "| setting | block Linears | LM head | rest | whole |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for name, part in results[key].items():
-            lines.append(f"| {name} | " + " | ".join(f"{1e3 * part[k]:.2f}" for k in
-                                                     ("block_linears", "lm_head", "rest", "total")) + " |")
+            lines.append(
+                f"| {name} | "
+                + " | ".join(f"{1e3 * part[k]:.2f}" for k in ("block_linears", "lm_head", "rest", "total"))
+                + " |"
+            )
         dense_shapes = {(s["in"], s["out"]): s["seconds"] for s in results[key]["dense"]["per_shape"]}
-        lines += ["", "One layer alone (µs): dense, and low-rank at each setting (rank, x dense):", "",
-                  "| in x out | count | dense | " + " | ".join(n for n in results[key] if n != "dense") + " |",
-                  "|---|---:|---:|" + "---:|" * (len(results[key]) - 1)]
+        lines += [
+            "",
+            "One layer alone (µs): dense, and low-rank at each setting (rank, x dense):",
+            "",
+            "| in x out | count | dense | " + " | ".join(n for n in results[key] if n != "dense") + " |",
+            "|---|---:|---:|" + "---:|" * (len(results[key]) - 1),
+        ]
         for (i, o), dense_s in dense_shapes.items():
             cells = []
             for name, part in results[key].items():
                 if name == "dense":
                     continue
                 hit = [s for s in part["per_shape"] if (s["in"], s["out"]) == (i, o)]
-                cells.append(f"{1e6 * hit[0]['seconds']:.1f} (r {hit[0]['rank']}, {hit[0]['seconds'] / dense_s:.2f}x)"
-                             if hit else "-")
+                cells.append(
+                    f"{1e6 * hit[0]['seconds']:.1f} (r {hit[0]['rank']}, {hit[0]['seconds'] / dense_s:.2f}x)"
+                    if hit
+                    else "-"
+                )
             count = next(s["count"] for s in results[key]["dense"]["per_shape"] if (s["in"], s["out"]) == (i, o))
             lines.append(f"| {i} x {o} | {count} | {1e6 * dense_s:.1f} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
@@ -197,6 +255,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=default_asset("smollm2-135m") or str(REPO / "assets" / "smollm2-135m"))
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "inference"))
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4, 0.6])
+    parser.add_argument(
+        "--module-calls",
+        type=float,
+        nargs="*",
+        default=[],
+        help="ratios also measured with the factors called as modules (the fast path's control)",
+    )
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--prefill-batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--prompt-tokens", type=int, default=32)

@@ -14,15 +14,16 @@ BENCH = Path(__file__).parent.parent / "benchmarks" / "bench_inference.py"
 
 def test_smoke_mode_times_dense_and_every_ratio(tmp_path):
     main = runpy.run_path(str(BENCH))["main"]
-    main(["--smoke", "--ratios", "0.2", "0.6", "--out", str(tmp_path)])
+    main(["--smoke", "--ratios", "0.2", "0.6", "--module-calls", "0.6", "--out", str(tmp_path)])
     results = json.loads((tmp_path / "results.json").read_text())
     params = results["params"]
-    assert list(params) == ["dense", "0.2", "0.6"] and params["dense"] > params["0.2"] > params["0.6"]
-    assert set(results["prefill"]) == {"1x16", "2x16"}
+    assert list(params) == ["dense", "0.2", "0.6", "0.6 module calls"]
+    assert params["dense"] > params["0.2"] > params["0.6"] == params["0.6 module calls"]
+    assert set(results["prefill"]) == {"1x16", "1x16, last logits", "2x16"}
     assert all(t > 0 for times in results["prefill"].values() for t in times.values())
-    assert set(results["breakdown_decode"]) == {"dense", "0.2", "0.6"}
+    assert set(results["breakdown_decode"]) == {"dense", "0.2", "0.6", "0.6 module calls"}
     text = (tmp_path / "results.md").read_text()
-    assert "| 0.6 removed |" in text and "Where the time goes, decode" in text
+    assert "| 0.6 removed |" in text and "| 0.6 removed, module calls |" in text and "Where the time goes, decode" in text
 
 
 def test_lowrank_copy_is_the_truncated_svd_of_each_block_linear():
@@ -37,5 +38,5 @@ def test_lowrank_copy_is_the_truncated_svd_of_each_block_linear():
     # Eckart–Young: the rank-r factorization's error is the energy of the discarded singular values.
     singular = torch.linalg.svdvals(original)
     error = torch.linalg.matrix_norm(layer.weight.double() - original) ** 2
-    assert torch.allclose(error, (singular[layer.rank:] ** 2).sum(), rtol=1e-4)
+    assert torch.allclose(error, (singular[layer.rank :] ** 2).sum(), rtol=1e-4)
     assert isinstance(dense.model.layers[0].mlp.down_proj, torch.nn.Linear)  # the dense model is untouched
