@@ -481,6 +481,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rehab-ratios", type=float, nargs="+", default=[0.2, 0.4, 0.6])
     parser.add_argument("--rehab-steps", type=int, help="LoRA steps per factor (default: the config's)")
     parser.add_argument("--draws", type=int, default=1, help="calibration draws in the table stage")
+    parser.add_argument("--calibration-samples", type=int,
+                        help="training examples per calibration draw (default: the config's data.calibration_samples)")
     parser.add_argument("--save", choices=["draw0", "none"], default="draw0")
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 is steadier on a shared machine)")
     parser.add_argument("--smoke", action="store_true", help="tiny random BERT, a few examples (for tests)")
@@ -499,6 +501,8 @@ def main(argv: list[str] | None = None) -> None:
         settings = read_config(Path(args.config))
         if args.model:
             settings["model"]["model"] = args.model
+        if args.calibration_samples:
+            settings["data"]["calibration_samples"] = args.calibration_samples
     if not (Path(settings["model"]["model"]) / "config.json").is_file():
         raise SystemExit(f"--model {settings['model']['model']}: no Hugging Face folder there; fetch it with "
                          "`PREHAB_ASSETS=assets python ../shared/tools/fetch_models.py --only minilm` or pass --model.")

@@ -3,6 +3,7 @@
 import copy
 import csv
 import json
+import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -15,7 +16,7 @@ from transformers.pytorch_utils import Conv1D
 
 from prehab import LowRankLinear
 from prehab.calibration import CalibrationForwardError
-from prehab.callbacks import SVD, SVDLLM, LowRankCompression
+from prehab.callbacks import AASVD, SVD, SVDLLM, LowRankCompression
 from prehab.linalg import rank_from_ratio
 
 EXPECTED_TARGETS = {"llama": 14, "gpt2": 8, "bert": 12, "vit": 8}
@@ -274,9 +275,20 @@ def test_singular_covariance_is_damped_and_reported():
         pass
 
     module.calibration_step = lambda batch: module(batch[0])
-    report = SVDLLM(ratio=0.5, calibration_batches=1).compress(module, tiny, progress=False)
+    with pytest.warns(UserWarning, match=r"fewer calibration token rows \(8\) than they have inputs \(up to 64\)"):
+        report = SVDLLM(ratio=0.5, calibration_batches=1).compress(module, tiny, progress=False)
     down = next(r for r in report.layers if r.name.endswith("layers.0.mlp.down_proj"))
     assert down.damping > 0 and "damped" in down.note and "8 samples < 64 features" in down.note
+
+
+@pytest.mark.parametrize("method", [SVDLLM, AASVD])
+def test_enough_calibration_rows_give_no_rank_deficiency_warning(method):
+    module = TinyModule("llama")
+    loader = loader_for("llama", n=16, batch_size=8)  # 16 sequences x 16 tokens = 256 rows > 64 inputs
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        method(ratio=0.5, calibration_batches=2).compress(module, loader, progress=False)
+    assert not [w for w in caught if "fewer calibration token rows" in str(w.message)]
     out = module(torch.randint(3, 90, (2, 8)))
     assert torch.isfinite(out).all()
 
