@@ -67,6 +67,7 @@ from prehab.module import PrehabModule  # noqa: E402
 
 METHODS = {"svd_llm": SVDLLM, "aa_svd": AASVD, "saes_svd": SAESSVD}
 TASKS = ("cola", "sst2", "mrpc", "rte", "stsb")
+SWEPT = "prehab (swept per task)"  # report-only model name: every task's chosen prehab model
 PRIMARY = {"cola": "matthews", "sst2": "accuracy", "mrpc": "f1", "rte": "accuracy", "stsb": "spearman"}
 LABELS = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "rte": "RTE", "stsb": "STS-B"}
 # Table III of the Low-Rank Prehab paper (BERT-base; CoLA, SST-2, MRPC, RTE, STS-B columns; its average is over
@@ -310,6 +311,8 @@ def row_label(model: str, method: str, chosen: dict[str, Any], paper: str | None
         return method
     if model == "control":
         return f"control (λ = 0) + {method}"
+    if model == SWEPT:
+        return f"prehab, λ swept per task + {method}" if method != "dense" else "prehab, λ swept per task, dense"
     tags = [t for t, hit in (("paper λ", model == paper), ("swept", model in chosen)) if hit]
     return f"prehab {model} ({', '.join(tags)}) + {method}" if tags else f"prehab {model} + {method}"
 
@@ -349,6 +352,9 @@ def write_report(out: Path) -> None:
         lines.append("")
     for stage, title in (("table", "Dev metrics, no rehab"), ("rehab", "Dev metrics after LoRA rehab")):
         picked = [r for r in rows if r["stage"] == stage]
+        # Each task's swept model side by side, so the swept prehab has an average over the tasks too.
+        picked += [{**r, "model": SWEPT} for r in picked
+                   if r["model"] == chosen.get(r["task"], {}).get("prehab") and len(swept) > 1]
         if not picked:
             continue
         lines += [f"## {title} (mean ± half-range over calibration draws where several)", "",
