@@ -23,7 +23,8 @@ def test_smoke_mode_times_dense_and_every_ratio(tmp_path):
     assert all(t > 0 for times in results["prefill"].values() for t in times.values())
     assert set(results["breakdown_decode"]) == {"dense", "0.2", "0.6", "0.6 module calls"}
     text = (tmp_path / "results.md").read_text()
-    assert "| 0.6 removed |" in text and "| 0.6 removed, module calls |" in text and "Where the time goes, decode" in text
+    assert "| 0.6 removed |" in text and "| 0.6 removed, module calls |" in text
+    assert "Where the time goes, decode" in text
 
 
 def test_lowrank_copy_is_the_truncated_svd_of_each_block_linear():
