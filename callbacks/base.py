@@ -525,8 +525,9 @@ class LowRankCompression(Callback):
                 self._check_statistics(names, stats)
             replacements = {}
             for name in names:
-                if stats is not None and 0 < samples < dense_weight(targets[name]).shape[1]:
-                    short_of_rows.append(name)
+                inputs = dense_weight(targets[name]).shape[1]
+                if stats is not None and 0 < samples < inputs:
+                    short_of_rows[name] = inputs  # read now: swapped-out layers may be offloaded later
                 layer_report, replacement = self._solve_one(name, targets[name], plan[name], stats, samples)
                 reports[name] = layer_report
                 if replacement is not None:
@@ -534,7 +535,7 @@ class LowRankCompression(Callback):
             timer["solve"] += time.perf_counter() - tick
             return replacements
 
-        short_of_rows: list[str] = []  # layers whose statistics saw fewer token rows than they have inputs
+        short_of_rows: dict[str, int] = {}  # layers whose statistics saw fewer token rows than they have inputs
         samples = 0
         stats = None
         # Block-by-block one-stream statistics when they do not fit statistics_budget_gb: `blocks()` gives a pass.
@@ -636,10 +637,10 @@ class LowRankCompression(Callback):
                 replace_module(model, name, replacement)
 
         layers = [reports[name] for name in targets]
-        if short_of_rows:
-            widest = max(dense_weight(targets[n]).shape[1] for n in short_of_rows)
+        if short_of_rows and self.requires_calibration:  # plain SVD's factors do not use the statistics
+            widest, first = max(short_of_rows.values()), next(iter(short_of_rows))
             warnings.warn(
-                f"{self.method}: {len(short_of_rows)} layers (e.g. {short_of_rows[0]!r}) saw fewer calibration token "
+                f"{self.method}: {len(short_of_rows)} layers (e.g. {first!r}) saw fewer calibration token "
                 f"rows ({samples}) than they have inputs (up to {widest}): their covariance is rank-deficient, so the "
                 "factors fit the calibration tokens and may not generalize (the shift-aware methods suffer most: "
                 "AA-SVD at 20% on SST-2 fell to chance with ~600 tokens and matched SVD-LLM with ~6,800). Pass more "
