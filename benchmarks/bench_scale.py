@@ -169,9 +169,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(json.dumps(row))
         return [row]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = Path(args.out) if args.out else None
+    done = {}  # rows of an interrupted run, resumed from rows.jsonl (same windows and threads only)
+    if out is not None and (out / "rows.jsonl").exists():
+        for line in (out / "rows.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            if row["tokens"] == args.windows * args.seq_len and row["torch_threads"] == args.threads:
+                done[(row["variant"], row["blocks"])] = row
     rows = []
     for variant in args.variants:
         for blocks in args.blocks:
+            if (variant, blocks) in done:
+                rows.append(done[(variant, blocks)])
+                continue
             command = [
                 sys.executable,
                 __file__,
@@ -190,12 +200,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 raise SystemExit(f"{variant} with {blocks} blocks failed:\n{run.stderr[-3000:]}")
             rows.append(json.loads(run.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)
+            if out is not None:
+                out.mkdir(parents=True, exist_ok=True)
+                with open(out / "rows.jsonl", "a") as log:
+                    log.write(json.dumps(rows[-1]) + "\n")
     projection = project(rows)
     text = table(rows, projection, args.threads)
     print(text)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+    if out is not None:
         (out / "rows.json").write_text(
             json.dumps({"rows": rows, "projection": projection, "args": vars(args)}, indent=2)
         )

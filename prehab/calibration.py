@@ -19,7 +19,9 @@ __all__ = [
     "calibration_forward",
     "collect_input_covariances",
     "known_length",
+    "is_encoder_decoder",
     "layer_weight",
+    "padding_mask",
     "take_batches",
 ]
 
@@ -54,6 +56,28 @@ def take_batches(loader: Iterable, num_batches: int, rank: int = 0, world_size: 
     single-process calibration set.
     """
     return itertools.islice(loader, rank, num_batches, world_size)
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    """Whether any Hugging Face config in ``model`` says encoder-decoder (its decoder reads other positions)."""
+    return any(getattr(getattr(m, "config", None), "is_encoder_decoder", False) is True for m in model.modules())
+
+
+def padding_mask(batch: Any, encoder_decoder: bool = False) -> Tensor | None:
+    """The real tokens of a calibration batch (True = real), so statistics can leave padding out.
+
+    A dict batch's 2-D ``attention_mask`` of zeros and ones (Hugging Face's convention) when it marks any
+    padding; None otherwise (no mask, nothing padded, tuple batches, 4-D additive masks). None as well for
+    encoder-decoder models and batches with ``decoder_*`` inputs: there the mask marks the encoder's
+    tokens only, while the decoder's layers read another sequence of possibly the same length.
+    """
+    if encoder_decoder or not isinstance(batch, Mapping) or any(str(k).startswith("decoder_") for k in batch):
+        return None
+    mask = batch.get("attention_mask")
+    if not isinstance(mask, Tensor) or mask.dim() != 2 or not bool(((mask == 0) | (mask == 1)).all()):
+        return None
+    real = mask != 0
+    return None if bool(real.all()) else real
 
 
 def calibration_forward(model: nn.Module, batch: Any) -> Any:
@@ -95,7 +119,8 @@ def collect_input_covariances(
 ) -> tuple[dict[str, Tensor], int]:
     """Mean input covariance ``G = XXᵀ / n`` of every target over this rank's share of the first
     ``num_batches`` batches, summed over DDP ranks. Returns ``({name: G}, rows per layer)``; layers that
-    never ran are left out.
+    never ran are left out. Padded positions (``attention_mask == 0``, see :func:`padding_mask`) are
+    not counted.
     """
     if num_batches < world_size:
         raise ValueError(
@@ -108,8 +133,10 @@ def collect_input_covariances(
     length = known_length(dataloader)
     total = None if length is None else len(range(rank, min(num_batches, length), world_size))
     batches = take_batches(dataloader, num_batches, rank, world_size)
+    encoder_decoder = is_encoder_decoder(model)
     with calibration_forward_context(model), collector.hooks():
         for batch in tqdm(batches, desc=f"{desc}: calibrating", disable=not progress, unit="batch", total=total):
+            collector.mask = padding_mask(batch, encoder_decoder)  # padded positions stay out of G
             calibration_forward(model, batch)
     if not collector.stats:  # decided identically on every rank only if every rank has batches
         raise ValueError(

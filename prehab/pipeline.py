@@ -19,6 +19,9 @@ the order the model runs them:
 3. both streams are propagated to the next block: the original stream with the dense block (the
    replaced modules are swapped back for that pass), the shifted one with the compressed block.
 
+Padded positions (a dict batch's ``attention_mask == 0``, :func:`~prehab.calibration.padding_mask`) are left
+out of every statistic and of the refinement's error; the blocks still run on the padded batches.
+
 Memory: one block of activations per stream (on CPU when the model is on an accelerator). The replaced
 dense modules are kept so that any failure puts the model back exactly as it was, but only the current
 block's stay on the model's device: once a block is done they go to a :class:`~prehab.rollback.RollbackStore`
@@ -42,10 +45,16 @@ from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from prehab.calibration import calibration_forward
+from prehab.calibration import calibration_forward, is_encoder_decoder, padding_mask
 from prehab.lowrank import LowRankLinear, dense_weight, replace_module
 from prehab.rollback import RollbackStore
-from prehab.stats import CovarianceCollector, RunningCovariance, all_reduce_sum_, calibration_forward_context
+from prehab.stats import (
+    CovarianceCollector,
+    RunningCovariance,
+    all_reduce_sum_,
+    calibration_forward_context,
+    token_rows,
+)
 from prehab.targets import find_block_stacks
 
 __all__ = ["BlockRefiner", "GroupStatistics", "covered_by_blocks", "one_stream_blocks", "sequential_compress"]
@@ -367,11 +376,11 @@ class _Accumulator:
     def __init__(self, features: int, device: torch.device) -> None:
         self.g, self.h, self.c = (RunningCovariance(features, device=device) for _ in range(3))
 
-    def add(self, originals: list[Tensor], shifted: list[Tensor]) -> None:
+    def add(self, originals: list[Tensor], shifted: list[Tensor], mask: Tensor | None) -> None:
         for x, x_hat in zip(originals, shifted, strict=True):
-            self.g.update(x)
-            self.h.update(x_hat)
-            self.c.update(x, x_hat)
+            self.g.update(x, mask=mask)
+            self.h.update(x_hat, mask=mask)
+            self.c.update(x, x_hat, mask=mask)
 
     def statistics(self, names: list[str]) -> GroupStatistics:
         """Means over all ranks (all-reduced); zeros with ``count == 0`` when no rank saw an input."""
@@ -418,6 +427,7 @@ def _collect(
     members: dict[str, nn.Module],
     expected: dict[str, int] | None,
     streams: tuple[list, list],
+    masks: list[Tensor | None],
     runner: _Runner,
     dense_view: Callable[[], contextlib.AbstractContextManager],
     keep_outputs: bool,
@@ -428,6 +438,7 @@ def _collect(
     With ``expected`` (the probe's call counts) the members are assumed to read the very same tensors,
     so they share one statistic; that is verified on every batch, and None is returned when it fails
     anywhere (the caller then collects again with ``expected=None``: one statistic per member).
+    ``masks[b]``: batch ``b``'s real tokens (None: every row counts; see :func:`~prehab.stats.token_rows`).
     """
     names = list(members)
     shared = expected is not None and len(names) > 1
@@ -458,7 +469,7 @@ def _collect(
                 unshared[index] = 1.0
         for index, (name, accumulator) in enumerate(accumulators.items()):
             if not unpaired[index]:
-                accumulator.add(seen_original[name], seen_shifted[name])
+                accumulator.add(seen_original[name], seen_shifted[name], masks[batch_index])
     flags = torch.tensor([unpaired, unshared], dtype=torch.float64, device=first_weight.device)
     all_reduce_sum_([flags])  # every rank takes the same branch below
     if flags[0].any():
@@ -482,6 +493,7 @@ def _compress_stage(
     prefix: str,
     targets: dict[str, nn.Module],
     streams: tuple[list, list],
+    masks: list[Tensor | None],
     runner: _Runner,
     originals: dict[str, nn.Module],
     solve: GroupSolver,
@@ -506,7 +518,7 @@ def _compress_stage(
         keep = keep_outputs and pass_index == len(passes) - 1
         members = {n: targets[n] for n in names}
         args = (stage, members)
-        rest = (streams, runner, lambda: _dense(model, originals, root), keep, prefix)
+        rest = (streams, masks, runner, lambda: _dense(model, originals, root), keep, prefix)
         collected = _collect(*args, {n: structure.calls[n] for n in names} if probed else None, *rest)
         if collected is None:  # the members did not always share their inputs: one statistic each
             collected = _collect(*args, None, *rest)
@@ -571,6 +583,8 @@ def sequential_compress(
     stacks = _stacks_for(model, targets, blocks)
     originals: dict[str, nn.Module] = {}  # name -> dense module of the current block (dense stream, rollback)
     store = RollbackStore(device) if rollback is None else rollback  # finished blocks' dense modules
+    encoder_decoder = is_encoder_decoder(model)
+    masks = [padding_mask(batch, encoder_decoder) for batch in batches]  # padded positions stay out of H, C
     if len(store):
         raise ValueError(f"rollback= already holds {store.names()[:3]}: restore it before the next compression.")
 
@@ -587,8 +601,9 @@ def sequential_compress(
                     )
                 runner = _Runner(whole_model=True, device=device, offload=False)
                 with tqdm(total=1, desc=f"{desc}: blocks", disable=not progress, unit="block") as bar:
+                    streams = (list(batches), list(batches))
                     unused, _ = _compress_stage(
-                        model, model, "", dict(targets), (list(batches), list(batches)), runner, originals, solve, False
+                        model, model, "", dict(targets), streams, masks, runner, originals, solve, False
                     )
                     bar.update()
                 return unused
@@ -601,7 +616,7 @@ def sequential_compress(
             with tqdm(total=total, desc=f"{desc}: blocks", disable=not progress, unit="block") as bar:
                 for (name, stack), last in work:
                     unused += _compress_stack(
-                        model, name, stack, last, targets, batches, runner, originals, solve, bar, store, refine
+                        model, name, stack, last, targets, batches, masks, runner, originals, solve, bar, store, refine
                     )
             return unused
         except BaseException:
@@ -652,6 +667,8 @@ def one_stream_blocks(
     runner = _Runner(whole_model=False, device=device, offload=device.type != "cpu")
     with calibration_forward_context(model):
         order = _broadcast(_stack_order(model, stacks, batches[0])) if len(stacks) > 1 else [0]
+        encoder_decoder = is_encoder_decoder(model)
+        masks = [padding_mask(batch, encoder_decoder) for batch in batches]
         # Every stack's inputs before anything is yielded (and maybe replaced): all from the dense model.
         work = [
             (
@@ -661,13 +678,14 @@ def one_stream_blocks(
             )
             for s in order
         ]
-    return _one_stream_iterator(model, targets, work, runner, device, progress, desc)
+    return _one_stream_iterator(model, targets, work, masks, runner, device, progress, desc)
 
 
 def _one_stream_iterator(
     model: nn.Module,
     targets: dict[str, nn.Module],
     work: list,
+    masks: list[Tensor | None],
     runner: _Runner,
     device: torch.device,
     progress: bool,
@@ -683,7 +701,8 @@ def _one_stream_iterator(
                 collector = CovarianceCollector(members, features, device=device)
                 outputs = []
                 with calibration_forward_context(model), collector.hooks():
-                    for block_inputs in inputs:
+                    for block_inputs, mask in zip(inputs, masks, strict=True):
+                        collector.mask = mask  # padded positions stay out of G
                         output = runner(stack[index], block_inputs)
                         if index < last:
                             outputs.append(runner.store(_hidden(output).detach()))
@@ -711,6 +730,7 @@ def _compress_stack(
     last: int,
     targets: dict[str, nn.Module],
     batches: list,
+    masks: list[Tensor | None],
     runner: _Runner,
     originals: dict[str, nn.Module],
     solve: GroupSolver,
@@ -731,8 +751,9 @@ def _compress_stack(
         block, prefix = stack[index], f"{name}.{index}."
         block_targets = {n[len(prefix) :]: m for n, m in targets.items() if n.startswith(prefix)}
         more = index < last
+        streams = (original_inputs, shifted_inputs)
         missing, next_original = _compress_stage(
-            model, block, prefix, block_targets, (original_inputs, shifted_inputs), runner, originals, solve, more
+            model, block, prefix, block_targets, streams, masks, runner, originals, solve, more
         )
         unused += missing
         factors = [
@@ -746,12 +767,16 @@ def _compress_stack(
                 with _dense(model, originals, prefix[:-1]):
                     next_original = [runner.store(_hidden(runner(block, inp)).detach()) for inp in original_inputs]
             dense_out = next_original
-            refine(
+
+            def compressed_output(b: int, _block: nn.Module = block, _inputs: list = shifted_inputs) -> Tensor:
+                return token_rows(_hidden(runner(_block, _inputs[b])), masks[b])
+
+            refine(  # the output error of real tokens only: padding is not fitted
                 prefix[:-1],
                 block,
                 factors,
-                lambda b, _block=block, _inputs=shifted_inputs: _hidden(runner(_block, _inputs[b])),
-                lambda b, _out=dense_out: runner.load(_out[b]),
+                compressed_output,
+                lambda b, _out=dense_out: token_rows(runner.load(_out[b]), masks[b]),
                 len(shifted_inputs),
             )
         bar.update()

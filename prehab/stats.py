@@ -19,6 +19,7 @@ __all__ = [
     "calibration_forward_context",
     "gram_product",
     "input_hooks",
+    "token_rows",
 ]
 
 
@@ -55,6 +56,19 @@ def gram_product(a: Tensor, b: Tensor | None = None, where: str = "") -> Tensor:
     return product
 
 
+def token_rows(x: Tensor, mask: Tensor | None = None) -> Tensor:
+    """``x`` as ``(rows, features)``, keeping only the rows of real tokens.
+
+    ``mask`` (True = a real token, e.g. a batch's ``attention_mask``) applies when its shape is ``x``'s
+    leading shape (``batch x sequence``); otherwise (no mask, or a layer whose input is not laid out per
+    token, such as a pooled head) every row is kept.
+    """
+    flat = x.reshape(-1, x.shape[-1])
+    if mask is None or tuple(mask.shape) != tuple(x.shape[:-1]):
+        return flat
+    return flat[mask.reshape(-1).to(device=flat.device, dtype=torch.bool)]
+
+
 class RunningCovariance:
     """Running ``Σ aᵀb`` over rows of activations (``aᵀa`` when ``b`` is omitted) with a row count.
 
@@ -68,10 +82,11 @@ class RunningCovariance:
         self.sum = torch.zeros(rows, rows if cols is None else cols, dtype=torch.float64, device=device)
         self.count = 0
 
-    def update(self, a: Tensor, b: Tensor | None = None) -> None:
-        """Add a batch. ``a``, ``b``: (..., features); leading dims are samples (tokens, patches)."""
-        a2 = a.reshape(-1, a.shape[-1])
-        b2 = None if b is None else b.reshape(-1, b.shape[-1])
+    def update(self, a: Tensor, b: Tensor | None = None, mask: Tensor | None = None) -> None:
+        """Add a batch. ``a``, ``b``: (..., features); leading dims are samples (tokens, patches).
+        ``mask``: the real tokens (see :func:`token_rows`); padded rows are left out."""
+        a2 = token_rows(a, mask)
+        b2 = None if b is None else token_rows(b, mask)
         if b2 is not None and b2.shape[0] != a2.shape[0]:
             raise ValueError(f"streams have {a2.shape[0]} and {b2.shape[0]} rows; they must be paired.")
         self.add_(gram_product(a2, b2), a2.shape[0])
@@ -123,26 +138,30 @@ class CovarianceCollector:
 
     Modules fed the very same tensor (q/k/v, gate/up) share one product and one accumulator: the
     first batch finds them (accumulators are allocated lazily), which keeps memory at one ``in x in``
-    matrix per distinct input. Use as ``with collector.hooks(): model(batch)``.
+    matrix per distinct input. Use as ``with collector.hooks(): model(batch)``; set ``collector.mask`` to
+    the batch's real tokens (``batch x sequence``, True = real) before each forward so that padding is
+    left out of the statistics (see :func:`token_rows`).
     """
 
     def __init__(self, modules: Mapping[str, nn.Module], features: Mapping[str, int], device=None) -> None:
         self.modules = dict(modules)
         self.features, self.device = dict(features), device
         self.stats: dict[str, RunningCovariance] = {}
+        self.mask: Tensor | None = None
         self._last_input: Tensor | None = None
+        self._last_rows = 0
         self._last_product: Tensor | None = None
         self._last_owner: str | None = None
 
     def _observe(self, name: str, x: Tensor) -> None:
-        rows = x.numel() // x.shape[-1]
         if x is self._last_input:
             if name not in self.stats:  # first sight: share the owner's accumulator
                 self.stats[name] = self.stats[self._last_owner]
             if self.stats[name] is not self.stats[self._last_owner]:
-                self.stats[name].add_(self._last_product, rows)
+                self.stats[name].add_(self._last_product, self._last_rows)
             return
-        flat = x.detach().reshape(-1, x.shape[-1])
+        flat = token_rows(x.detach(), self.mask)
+        rows = self._last_rows = flat.shape[0]
         self._last_input, self._last_product, self._last_owner = x, gram_product(flat, where=name), name
         if name not in self.stats:
             self.stats[name] = RunningCovariance(self.features[name], device=self.device)
@@ -153,8 +172,8 @@ class CovarianceCollector:
         try:
             with input_hooks(self.modules, self._observe):
                 yield self
-        finally:  # never keep an activation alive past the forward
-            self._last_input = self._last_product = None
+        finally:  # never keep an activation (or a batch's mask) alive past the forward
+            self._last_input = self._last_product = self.mask = None
 
     def unique(self) -> list[RunningCovariance]:
         return list({id(stat): stat for stat in self.stats.values()}.values())
