@@ -339,7 +339,8 @@ class CompressionReport:
             f"Whole model {totals['model_params_before']:,} -> {totals['model_params_after']:,} parameters "
             f"({100 * totals['model_ratio_removed']:.1f}% removed; targeted layers "
             f"{100 * totals['target_ratio_removed']:.1f}% removed). Calibration: {self.calibration_samples:,} rows "
-            f"per layer. Ranks: {self.rank_allocation}. Surgery: {self.seconds.get('total', 0.0):.1f} s"
+            "per layer (tokens or patches; padded positions are not counted). "
+            f"Ranks: {self.rank_allocation}. Surgery: {self.seconds.get('total', 0.0):.1f} s"
             + "".join(
                 f", {key} {self.seconds[key]:.1f} s" for key in ("allocation", "refinement") if key in self.seconds
             )
