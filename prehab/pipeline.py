@@ -99,6 +99,12 @@ def _hidden(output: Any) -> Tensor:
     raise TypeError(f"cannot find the hidden state in a block output of type {type(output).__name__}.")
 
 
+def _padding_masks(model: nn.Module, batches: list) -> list[Tensor | None]:
+    """Each calibration batch's real tokens (see :func:`~prehab.calibration.padding_mask`)."""
+    encoder_decoder = is_encoder_decoder(model)
+    return [padding_mask(batch, encoder_decoder) for batch in batches]
+
+
 def _is_cache(value: Any) -> bool:
     return any(cls.__name__.endswith("Cache") for cls in type(value).__mro__)
 
@@ -583,8 +589,7 @@ def sequential_compress(
     stacks = _stacks_for(model, targets, blocks)
     originals: dict[str, nn.Module] = {}  # name -> dense module of the current block (dense stream, rollback)
     store = RollbackStore(device) if rollback is None else rollback  # finished blocks' dense modules
-    encoder_decoder = is_encoder_decoder(model)
-    masks = [padding_mask(batch, encoder_decoder) for batch in batches]  # padded positions stay out of H, C
+    masks = _padding_masks(model, batches)  # padded positions stay out of G, H, C
     if len(store):
         raise ValueError(f"rollback= already holds {store.names()[:3]}: restore it before the next compression.")
 
@@ -667,8 +672,7 @@ def one_stream_blocks(
     runner = _Runner(whole_model=False, device=device, offload=device.type != "cpu")
     with calibration_forward_context(model):
         order = _broadcast(_stack_order(model, stacks, batches[0])) if len(stacks) > 1 else [0]
-        encoder_decoder = is_encoder_decoder(model)
-        masks = [padding_mask(batch, encoder_decoder) for batch in batches]
+        masks = _padding_masks(model, batches)
         # Every stack's inputs before anything is yielded (and maybe replaced): all from the dense model.
         work = [
             (
