@@ -384,9 +384,10 @@ class _Accumulator:
 
     def add(self, originals: list[Tensor], shifted: list[Tensor], mask: Tensor | None) -> None:
         for x, x_hat in zip(originals, shifted, strict=True):
-            self.g.update(x, mask=mask)
-            self.h.update(x_hat, mask=mask)
-            self.c.update(x, x_hat, mask=mask)
+            x, x_hat = token_rows(x, mask), token_rows(x_hat, mask)  # select the real rows once, not per product
+            self.g.update(x)
+            self.h.update(x_hat)
+            self.c.update(x, x_hat)
 
     def statistics(self, names: list[str]) -> GroupStatistics:
         """Means over all ranks (all-reduced); zeros with ``count == 0`` when no rank saw an input."""
