@@ -19,7 +19,8 @@ resumes where it stopped (delete the file to start over):
    draws (the same windows for every model and method), WikiText-2 test and PTB test perplexity.
 3. ``rehab``: LoRA rehab on Alpaca (the config's LoRARehab settings) after SVD-LLM and SAES-SVD at
    ``--rehab-ratios``, calibration draw 0, for every model.
-4. ``calibration``: SVD-LLM, AA-SVD and SAES-SVD at 0.2 on the base model with ``--calibration-sizes`` windows.
+4. ``calibration``: SVD-LLM, AA-SVD and SAES-SVD (``--calibration-methods``) at 0.2 on the base model with
+   ``--calibration-sizes`` windows.
 5. ``zeroshot``: zero-shot accuracy (``prehab.zeroshot``, lm-eval on the local GLUE tasks) of every saved draw-0
    model (needs ``pip install 'prehab[zeroshot]'``).
 
@@ -127,8 +128,11 @@ class Benchmark:
 
         return AutoModelForCausalLM.from_pretrained(self.model_folder(name), dtype=torch.float32).eval()
 
-    def train(self, name: str, candidate: dict[str, Any]) -> None:
-        """Fine-tune the base model with ``candidate``'s penalty (λ = 0: the control) and save it as an HF folder."""
+    def train(self, name: str, candidate: dict[str, Any], seed: int = 0) -> None:
+        """Fine-tune the base model with ``candidate``'s penalty (λ = 0: the control) and save it as an HF folder.
+
+        ``seed`` sets the fine-tune's initial RNG state and the order of its batches (the same for every candidate).
+        """
         folder = Path(self.model_folder(name))
         if (folder / "config.json").is_file():
             return
@@ -136,9 +140,9 @@ class Benchmark:
         model_args.update(candidate)
         if candidate["lam"] == 0:
             model_args["regularizer"] = "stable_rank"  # unused at λ = 0
-        pl.seed_everything(0)
+        pl.seed_everything(seed)
         module = PrehabModule(**model_args)
-        generator = torch.Generator().manual_seed(0)
+        generator = torch.Generator().manual_seed(seed)
         loader = DataLoader(self.train_windows, batch_size=self.batch_size, shuffle=True, generator=generator)
         trainer = pl.Trainer(
             accelerator="auto",
@@ -155,7 +159,7 @@ class Benchmark:
         module.model.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
         (folder / "prehab.json").write_text(
-            json.dumps({"candidate": candidate, "steps": self.args.steps, "lr": model_args.get("lr"),
+            json.dumps({"candidate": candidate, "seed": seed, "steps": self.args.steps, "lr": model_args.get("lr"),
                         "tokens": self.args.steps * self.batch_size * self.seq_len, "seconds": seconds}, indent=2)
         )
 
@@ -256,7 +260,16 @@ class Benchmark:
         return json.loads(path.read_text())["prehab"]
 
     def alias(self, chosen: str) -> dict[str, str]:
-        return {"base": "base", "control": "control", "prehab": chosen}
+        """Model names for ``--finetune-seed``: seed 0 is the sweep's models, seed s > 0 fine-tunes the control and
+        the chosen penalty again (``control-seed{s}``, ``{chosen}-seed{s}``); the base model has no fine-tune."""
+        seed = self.args.finetune_seed
+        if seed == 0:
+            return {"base": "base", "control": "control", "prehab": chosen}
+        names = {"base": "base", "control": f"control-seed{seed}", "prehab": f"{chosen}-seed{seed}"}
+        sweep = json.loads((Path(self.model_folder(chosen)) / "prehab.json").read_text())["candidate"]
+        self.train(names["control"], {"regularizer": "stable_rank", "lam": 0.0}, seed)
+        self.train(names["prehab"], sweep, seed)
+        return names
 
     def table(self) -> None:
         names = self.alias(self.chosen())
@@ -313,7 +326,7 @@ class Benchmark:
 
     def calibration_sizes(self) -> None:
         for samples in self.args.calibration_sizes:
-            for method in ("svd_llm", "aa_svd", "saes_svd"):
+            for method in self.args.calibration_methods:
                 self.surgery_rows("base", method, [0.2], 0, samples=samples, stage="calibration")
 
 
@@ -332,6 +345,9 @@ def write_report(out: Path) -> None:
     label = {"base": "base (no fine-tune)", "control": "control (λ = 0 fine-tune)"}
     if prehab:
         label[prehab] = f"prehab ({prehab})"
+    for seed in finetune_seeds(all_rows, prehab):
+        label[f"control-seed{seed}"] = f"control (λ = 0 fine-tune, seed {seed})"
+        label[f"{prehab}-seed{seed}"] = f"prehab ({prehab}, fine-tune seed {seed})"
     lines = ["# Prehab + surgery vs surgery alone (SmolLM2-135M)", ""]
     sweep = [r for r in all_rows if r["stage"] in ("sweep", "heldout")]
     if sweep:
@@ -367,8 +383,8 @@ def write_report(out: Path) -> None:
 
         def order(item: tuple) -> tuple:
             model, method, ratio, tokens = item[0]
-            rank = {"base": 0, "control": 1}.get(model, 2)
-            return (ratio, tokens or 0, method != "dense", method, rank)
+            rank = 0 if model == "base" else 1 if model.startswith("control") else 2
+            return (ratio, tokens or 0, method != "dense", method, rank, model)
 
         for (model, method, ratio, tokens), group in sorted(groups.items(), key=order):
             lines.append(
@@ -393,32 +409,47 @@ def write_report(out: Path) -> None:
     print("\n".join(lines))
 
 
+def finetune_seeds(rows: list[dict[str, Any]], prehab: str | None) -> list[int]:
+    """The ``--finetune-seed`` values s > 0 with rows for both ``control-seed{s}`` and ``{prehab}-seed{s}``."""
+    models = {r["model"] for r in rows}
+    seeds = {int(m.removeprefix("control-seed")) for m in models if m.startswith("control-seed")}
+    return sorted(s for s in seeds if f"{prehab}-seed{s}" in models)
+
+
 def paired_lines(rows: list[dict[str, Any]], prehab: str | None) -> list[str]:
     """Prehab's perplexity divided by the control's (and by surgery alone's) on the same calibration draw:
-    the draws move every model alike, so the per-draw ratio is what tells the penalty's effect apart."""
+    the draws move every model alike, so the per-draw ratio is what tells the penalty's effect apart. One line
+    per fine-tune seed (prehab and control fine-tuned with the same seed)."""
     table = [dict(r, method=r["method"] + ("+rehab" if r["stage"] == "rehab" else ""))
              for r in rows if r["stage"] in ("table", "rehab")]
     by_key = {(r["model"], r["method"], r["ratio"], r["draw"]): r for r in table}
     lines = ["## Paired: prehab / control and prehab / surgery alone, same calibration draw", "",
              "Below 1: prehab is better. mean [min, max] over the draws both rows have.", "",
-             "| method | ratio | draws | WikiText-2 vs control | PTB vs control | WikiText-2 vs surgery alone "
-             "| PTB vs surgery alone |", "|---|---|---|---|---|---|---|"]
+             "| method | ratio | fine-tune seed | draws | WikiText-2 vs control | PTB vs control | "
+             "WikiText-2 vs surgery alone | PTB vs surgery alone |", "|---|---|---|---|---|---|---|---|"]
     found = False
-    for method, ratio in sorted({(r["method"], r["ratio"]) for r in table if r["model"] == prehab}):
+    pairs_by_seed = [(0, prehab, "control")] + [
+        (seed, f"{prehab}-seed{seed}", f"control-seed{seed}") for seed in finetune_seeds(rows, prehab)]
+    for (method, ratio), (seed, model, control) in (
+        (key, pair) for key in sorted({(r["method"], r["ratio"]) for r in table if r["model"] == prehab})
+        for pair in pairs_by_seed
+    ):
         cells = []
         draws = set()
-        for other in ("control", "base"):
+        for other in (control, "base"):
             for metric in ("wikitext2", "ptb"):
-                pairs = [(by_key[(prehab, method, ratio, d)][metric], by_key[(other, method, ratio, d)][metric])
-                         for (m, me, ra, d) in by_key if m == prehab and me == method and ra == ratio
+                pairs = [(by_key[(model, method, ratio, d)][metric], by_key[(other, method, ratio, d)][metric])
+                         for (m, me, ra, d) in by_key if m == model and me == method and ra == ratio
                          and (other, method, ratio, d) in by_key]
                 draws |= {len(pairs)}
                 quotients = [a / b for a, b in pairs]
                 cells.append(
                     f"{statistics.fmean(quotients):.3f} [{min(quotients):.3f}, {max(quotients):.3f}]" if pairs else "-"
                 )
+        if max(draws) == 0:
+            continue
         found = True
-        lines.append(f"| {method} | {ratio:g} | {min(draws)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {method} | {ratio:g} | {seed} | {min(draws)} | " + " | ".join(cells) + " |")
     return lines + [""] if found else []
 
 
@@ -496,6 +527,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="penalties tried in the sweep: regularizer:lam[:tail_ratio]")
     parser.add_argument("--steps", type=int, help="fine-tune steps (default: the config's trainer.max_steps)")
     parser.add_argument("--draws", type=int, default=3)
+    parser.add_argument("--finetune-seed", type=int, default=0,
+                        help="s > 0: fine-tune the control and the chosen penalty again with seed s (stages table, "
+                             "rehab, zeroshot), as models control-seed{s} and {chosen}-seed{s}")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4, 0.6])
     parser.add_argument("--table-methods", nargs="+", default=["svd_llm", "saes_svd", "aa_svd"], choices=METHODS)
     parser.add_argument("--rehab-methods", nargs="+", default=["svd_llm", "saes_svd"], choices=METHODS)
@@ -505,6 +539,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rehab-steps", type=int, help="LoRA steps per factor (default: the config's)")
     parser.add_argument("--calibration-windows", type=int, help="default: the config's calibration_samples")
     parser.add_argument("--calibration-sizes", type=int, nargs="+", default=[8, 32, 128])
+    parser.add_argument("--calibration-methods", nargs="+", default=["svd_llm", "aa_svd", "saes_svd"],
+                        choices=METHODS)
     parser.add_argument("--eval-windows", type=int, help="test windows per corpus (default: max_eval_windows)")
     parser.add_argument("--heldout-windows", type=int, default=16, help="last valid windows kept for the sweep")
     parser.add_argument("--aa-all", action="store_true", help="AA-SVD on every model, not only base")

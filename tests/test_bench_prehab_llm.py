@@ -86,7 +86,27 @@ def test_smoke_runs_every_stage_and_saved_models_reproduce_the_table(tmp_path, o
     # the paired quotient: prehab's PTB perplexity over the control's on the same draw, averaged over draws
     ptb = {(r["model"], r["draw"]): r["ptb"] for r in table if r["method"] == "svd_llm" and r["ratio"] == 0.4}
     quotients = [ptb[(chosen, d)] / ptb[("control", d)] for d in (0, 1)]
-    line = next(x for x in markdown.splitlines() if x.startswith("| svd_llm | 0.4 | 2 |"))
-    assert line.split(" | ")[4].startswith(f"{sum(quotients) / 2:.3f} [{min(quotients):.3f}, {max(quotients):.3f}]")
+    line = next(x for x in markdown.splitlines() if x.startswith("| svd_llm | 0.4 | 0 | 2 |"))
+    assert line.split(" | ")[5].startswith(f"{sum(quotients) / 2:.3f} [{min(quotients):.3f}, {max(quotients):.3f}]")
     assert (out / "prehab_vs_surgery.png").stat().st_size > 10_000
     assert (out / "rows.csv").read_text().count("\n") == len({r["key"] for r in rows}) + 1
+
+    # a second fine-tune seed: control and the chosen penalty are fine-tuned again, paired with each other
+    bench.main(["--smoke", "--out", str(out), "--data", str(SHARED_DATA), "--stages", "table",
+                "--table-methods", "svd_llm", "--finetune-seed", "1"])
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    for name in ("control", chosen):
+        meta = json.loads((out / "models" / f"{name}-seed1" / "dense" / "prehab.json").read_text())
+        assert meta["seed"] == 1
+        first = AutoModelForCausalLM.from_pretrained(out / "models" / name / "dense").state_dict()
+        second = AutoModelForCausalLM.from_pretrained(out / "models" / f"{name}-seed1" / "dense").state_dict()
+        assert any(not first[k].equal(second[k]) for k in first)
+    seeded = {(r["model"], r["ratio"]) for r in rows if r["stage"] == "table" and r["model"].endswith("-seed1")}
+    assert seeded == {(f"{m}-seed1", ratio) for m in ("control", chosen) for ratio in (0.2, 0.4)}
+    ptb = {(r["model"], r["draw"]): r["ptb"] for r in rows if r["stage"] == "table" and r["ratio"] == 0.4
+           and r["method"] == "svd_llm"}
+    quotients = [ptb[(f"{chosen}-seed1", d)] / ptb[("control-seed1", d)] for d in (0, 1)]
+    markdown = (out / "results.md").read_text()
+    line = next(x for x in markdown.splitlines() if x.startswith("| svd_llm | 0.4 | 1 | 2 |"))
+    assert line.split(" | ")[5].startswith(f"{sum(quotients) / 2:.3f} [{min(quotients):.3f}, {max(quotients):.3f}]")
+    assert "fine-tune seed 1" in markdown
