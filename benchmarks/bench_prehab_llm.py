@@ -419,38 +419,44 @@ def finetune_seeds(rows: list[dict[str, Any]], prehab: str | None) -> list[int]:
 def paired_lines(rows: list[dict[str, Any]], prehab: str | None) -> list[str]:
     """Prehab's perplexity divided by the control's (and by surgery alone's) on the same calibration draw:
     the draws move every model alike, so the per-draw ratio is what tells the penalty's effect apart. One line
-    per fine-tune seed (prehab and control fine-tuned with the same seed)."""
+    per fine-tune seed (prehab and control fine-tuned with the same seed), and with several seeds a line ``all``
+    pooling every (seed, draw) pair."""
     table = [dict(r, method=r["method"] + ("+rehab" if r["stage"] == "rehab" else ""))
              for r in rows if r["stage"] in ("table", "rehab")]
     by_key = {(r["model"], r["method"], r["ratio"], r["draw"]): r for r in table}
     lines = ["## Paired: prehab / control and prehab / surgery alone, same calibration draw", "",
-             "Below 1: prehab is better. mean [min, max] over the draws both rows have.", "",
+             "Below 1: prehab is better. mean [min, max] over the draws both rows have (`all`: over every fine-tune "
+             "seed and draw).", "",
              "| method | ratio | fine-tune seed | draws | WikiText-2 vs control | PTB vs control | "
              "WikiText-2 vs surgery alone | PTB vs surgery alone |", "|---|---|---|---|---|---|---|---|"]
-    found = False
-    pairs_by_seed = [(0, prehab, "control")] + [
+    seeds = [(0, prehab, "control")] + [
         (seed, f"{prehab}-seed{seed}", f"control-seed{seed}") for seed in finetune_seeds(rows, prehab)]
-    for (method, ratio), (seed, model, control) in (
-        (key, pair) for key in sorted({(r["method"], r["ratio"]) for r in table if r["model"] == prehab})
-        for pair in pairs_by_seed
-    ):
-        cells = []
-        draws = set()
-        for other in (control, "base"):
-            for metric in ("wikitext2", "ptb"):
-                pairs = [(by_key[(model, method, ratio, d)][metric], by_key[(other, method, ratio, d)][metric])
-                         for (m, me, ra, d) in by_key if m == model and me == method and ra == ratio
-                         and (other, method, ratio, d) in by_key]
-                draws |= {len(pairs)}
-                quotients = [a / b for a, b in pairs]
-                cells.append(
-                    f"{statistics.fmean(quotients):.3f} [{min(quotients):.3f}, {max(quotients):.3f}]" if pairs else "-"
-                )
-        if max(draws) == 0:
-            continue
-        found = True
-        lines.append(f"| {method} | {ratio:g} | {seed} | {min(draws)} | " + " | ".join(cells) + " |")
-    return lines + [""] if found else []
+    columns = [(other, metric) for other in ("control", "base") for metric in ("wikitext2", "ptb")]
+
+    def quotients(model: str, other: str, method: str, ratio: float, metric: str) -> list[float]:
+        return [by_key[(model, method, ratio, d)][metric] / by_key[(other, method, ratio, d)][metric]
+                for (m, me, ra, d) in by_key if (m, me, ra) == (model, method, ratio)
+                and (other, method, ratio, d) in by_key]
+
+    def line(method: str, ratio: float, seed: Any, cells: list[list[float]]) -> str:
+        text = [f"{statistics.fmean(q):.3f} [{min(q):.3f}, {max(q):.3f}]" if q else "-" for q in cells]
+        return f"| {method} | {ratio:g} | {seed} | {min(len(q) for q in cells)} | " + " | ".join(text) + " |"
+
+    for method, ratio in sorted({(r["method"], r["ratio"]) for r in table if r["model"] == prehab}):
+        pooled: list[list[float]] = [[] for _ in columns]
+        seeds_seen = 0
+        for seed, model, control in seeds:
+            cells = [quotients(model, control if other == "control" else "base", method, ratio, metric)
+                     for other, metric in columns]
+            if not any(cells):
+                continue
+            seeds_seen += 1
+            lines.append(line(method, ratio, seed, cells))
+            for column, values in zip(pooled, cells, strict=True):
+                column += values
+        if seeds_seen > 1:
+            lines.append(line(method, ratio, "all", pooled))
+    return lines + [""] if len(lines) > 6 else []
 
 
 def plot(rows: list[dict[str, Any]], prehab: str | None, path: Path) -> None:

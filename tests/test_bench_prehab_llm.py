@@ -110,3 +110,7 @@ def test_smoke_runs_every_stage_and_saved_models_reproduce_the_table(tmp_path, o
     line = next(x for x in markdown.splitlines() if x.startswith("| svd_llm | 0.4 | 1 | 2 |"))
     assert line.split(" | ")[5].startswith(f"{sum(quotients) / 2:.3f} [{min(quotients):.3f}, {max(quotients):.3f}]")
     assert "fine-tune seed 1" in markdown
+    # ... and a line pooling both seeds' (seed, draw) pairs
+    quotients += [ptb[(chosen, d)] / ptb[("control", d)] for d in (0, 1)]
+    line = next(x for x in markdown.splitlines() if x.startswith("| svd_llm | 0.4 | all | 4 |"))
+    assert line.split(" | ")[5].startswith(f"{sum(quotients) / 4:.3f} [{min(quotients):.3f}, {max(quotients):.3f}]")
