@@ -306,7 +306,7 @@ class Benchmark:
             ]
             for method, ratio, stage in folders:
                 key = f"zeroshot|{name}|{method}|{ratio:g}"
-                if key in self.rows:
+                if key in self.rows or (self.args.zeroshot_methods and method not in self.args.zeroshot_methods):
                     continue
                 if stage is None:
                     model = self.load(name)
@@ -552,6 +552,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--aa-all", action="store_true", help="AA-SVD on every model, not only base")
     parser.add_argument("--save", choices=["draw0", "none"], default="draw0")
     parser.add_argument("--zeroshot-tasks", nargs="+", default=["prehab_rte", "prehab_sst2"])
+    parser.add_argument("--zeroshot-methods", nargs="+",
+                        help="only these rows, e.g. dense svd_llm+rehab saes_svd+rehab (default: every saved model)")
     parser.add_argument("--zeroshot-limit", type=int, default=200, help="examples per zero-shot task")
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 is steadier on a shared machine)")
     parser.add_argument("--smoke", action="store_true", help="tiny random model, a few windows (for tests)")

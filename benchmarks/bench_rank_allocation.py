@@ -157,7 +157,8 @@ def _report(rows: list[dict], dense: dict[str, float], names: list[str], args) -
                         mean = sum(quotients) / len(quotients)
                         paired.append(f"{mean:.3f} [{min(quotients):.3f}, {max(quotients):.3f}]")
                 lines.append(
-                    f"| {ratio:g} | {method} | {allocation} | {weighting} | {refine} | "
+                    f"| {ratio:g} | {method} | {allocation} | {weighting} | "
+                    f"{f'{refine} (lr {args.refine_lr:g})' if refine else 0} | "
                     f"{mine[0]['target_params_after']:,} | "
                     + " | ".join(cells)
                     + " | "
