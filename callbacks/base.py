@@ -182,7 +182,8 @@ class LowRankCompression(Callback):
         refine_steps: two-stream methods only: passes of Adam over the calibration batches after each block is
             factorized, adjusting that block's factors (nothing else) to reproduce the dense block's output
             (:mod:`prehab.refine`). 0: no refinement.
-        refine_lr: Adam's learning rate for ``refine_steps``.
+        refine_lr: Adam's learning rate for ``refine_steps``. Chosen on WikiText-2 valid (SmolLM2-135M, SAES-SVD +
+            global ranks at 20%, 4 steps): no refinement 55.9, lr 1e-4 50.8, 3e-4 47.3, 1e-3 48.2.
         statistics_budget_gb: one-stream statistics (SVD, SVD-LLM; and the original-model spectra of
             ``rank_allocation="global"``) are float64 ``in x in`` covariances, one per targeted layer. When all of
             them take at most this many GiB they are collected in one pass over the whole model (a ``ratios`` sweep
@@ -216,7 +217,7 @@ class LowRankCompression(Callback):
         min_kept_fraction: float = 0.1,
         allocation_weighting: str = "equal",
         refine_steps: int = 0,
-        refine_lr: float = 1e-4,
+        refine_lr: float = 3e-4,
         statistics_budget_gb: float = 2.0,
     ) -> None:
         if ratio is not None and ratios is not None:
@@ -287,7 +288,7 @@ class LowRankCompression(Callback):
                 f"propagate=True); {type(self).__name__} has no original stream to refine against. Use refine_steps=0."
             )
         if not (is_real(refine_lr) and refine_lr > 0):
-            raise ValueError(f"refine_lr={refine_lr!r} is invalid: use a small positive learning rate such as 1e-4.")
+            raise ValueError(f"refine_lr={refine_lr!r} is invalid: use a small positive learning rate such as 3e-4.")
         if not ((is_real(statistics_budget_gb) or statistics_budget_gb == float("inf")) and statistics_budget_gb >= 0):
             raise ValueError(
                 f"statistics_budget_gb={statistics_budget_gb!r} is invalid: use a number of GiB >= 0 (e.g. 2.0; 0: "

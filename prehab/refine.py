@@ -7,7 +7,7 @@ frozen) to minimize the block-output error against the original stream:
     Σ_b ‖block(X_b) − block'(X̂_b)‖² / Σ_b ‖block(X_b)‖²
 
 ``X_b`` are the block's inputs in the dense model, ``X̂_b`` in the partially compressed one; no labels and
-no forward beyond the block. Optimizer: Adam (``lr`` default 1e-4, no weight decay), one step per
+no forward beyond the block. Optimizer: Adam (``lr`` default 3e-4, no weight decay), one step per
 calibration batch, ``steps`` passes over the batches; Adam's per-parameter step size does not depend on
 the scale of the factors, which differs a lot between layers. The factors are kept only if the error over
 all batches went down (measured before and after with the same forward), so refinement never makes a
@@ -65,7 +65,7 @@ def refine_block(
     target: Callable[[int], Tensor],
     batches: int,
     steps: int,
-    lr: float = 1e-4,
+    lr: float = 3e-4,
     name: str = "",
 ) -> BlockRefinement:
     """Adam on ``parameters`` (a block's factors) for ``steps`` passes over ``batches`` calibration batches.

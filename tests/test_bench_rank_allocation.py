@@ -28,7 +28,7 @@ def test_smoke_mode_compares_uniform_and_global_at_the_same_budget(tmp_path, cap
                 assert all(v > 1 for v in row["perplexity"].values())
     out = capsys.readouterr().out
     assert "| 0.4 | saes_svd | global | raw | 1 |" in out
-    assert "| 0.4 | saes_svd | global | raw | 1 (lr 0.0001) |" in (tmp_path / "out" / "results.md").read_text()
+    assert "| 0.4 | saes_svd | global | raw | 1 (lr 0.0003) |" in (tmp_path / "out" / "results.md").read_text()
     assert (tmp_path / "out" / "results.md").read_text() in out
     # Resumable: a second run computes nothing and gives the same rows; --report-only never computes.
     again = main([*args, str(tmp_path / "out")])
