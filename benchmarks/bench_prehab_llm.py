@@ -424,11 +424,12 @@ def paired_lines(rows: list[dict[str, Any]], prehab: str | None) -> list[str]:
     table = [dict(r, method=r["method"] + ("+rehab" if r["stage"] == "rehab" else ""))
              for r in rows if r["stage"] in ("table", "rehab")]
     by_key = {(r["model"], r["method"], r["ratio"], r["draw"]): r for r in table}
-    lines = ["## Paired: prehab / control and prehab / surgery alone, same calibration draw", "",
-             "Below 1: prehab is better. mean [min, max] over the draws both rows have (`all`: over every fine-tune "
-             "seed and draw).", "",
-             "| method | ratio | fine-tune seed | draws | WikiText-2 vs control | PTB vs control | "
-             "WikiText-2 vs surgery alone | PTB vs surgery alone |", "|---|---|---|---|---|---|---|---|"]
+    header = ["## Paired: prehab / control and prehab / surgery alone, same calibration draw", "",
+              "Below 1: prehab is better. mean [min, max] over the draws both rows have (`all`: over every fine-tune "
+              "seed and draw).", "",
+              "| method | ratio | fine-tune seed | draws | WikiText-2 vs control | PTB vs control | "
+              "WikiText-2 vs surgery alone | PTB vs surgery alone |", "|---|---|---|---|---|---|---|---|"]
+    lines = list(header)
     seeds = [(0, prehab, "control")] + [
         (seed, f"{prehab}-seed{seed}", f"control-seed{seed}") for seed in finetune_seeds(rows, prehab)]
     columns = [(other, metric) for other in ("control", "base") for metric in ("wikitext2", "ptb")]
@@ -456,7 +457,7 @@ def paired_lines(rows: list[dict[str, Any]], prehab: str | None) -> list[str]:
                 column += values
         if seeds_seen > 1:
             lines.append(line(method, ratio, "all", pooled))
-    return lines + [""] if len(lines) > 6 else []
+    return lines + [""] if len(lines) > len(header) else []
 
 
 def plot(rows: list[dict[str, Any]], prehab: str | None, path: Path) -> None:
@@ -553,11 +554,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--save", choices=["draw0", "none"], default="draw0")
     parser.add_argument("--zeroshot-tasks", nargs="+", default=["prehab_rte", "prehab_sst2"])
     parser.add_argument("--zeroshot-methods", nargs="+",
+                        choices=["dense", *METHODS, *(f"{m}+rehab" for m in METHODS)],
                         help="only these rows, e.g. dense svd_llm+rehab saes_svd+rehab (default: every saved model)")
     parser.add_argument("--zeroshot-limit", type=int, default=200, help="examples per zero-shot task")
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 is steadier on a shared machine)")
     parser.add_argument("--smoke", action="store_true", help="tiny random model, a few windows (for tests)")
     args = parser.parse_args(argv)
+    if args.finetune_seed < 0:
+        parser.error(f"--finetune-seed {args.finetune_seed} is invalid: use 0 (the sweep's models) or a seed > 0.")
     out = Path(args.out)
     if args.report:
         write_report(out)

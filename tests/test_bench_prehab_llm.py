@@ -114,3 +114,17 @@ def test_smoke_runs_every_stage_and_saved_models_reproduce_the_table(tmp_path, o
     quotients += [ptb[(chosen, d)] / ptb[("control", d)] for d in (0, 1)]
     line = next(x for x in markdown.splitlines() if x.startswith("| svd_llm | 0.4 | all | 4 |"))
     assert line.split(" | ")[5].startswith(f"{sum(quotients) / 4:.3f} [{min(quotients):.3f}, {max(quotients):.3f}]")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--finetune-seed", "-1"], "--finetune-seed -1 is invalid: use 0"),
+        (["--zeroshot-methods", "svd-llm"], "argument --zeroshot-methods: invalid choice: 'svd-llm'"),
+    ],
+)
+def test_bad_flags_are_refused_before_any_work(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit):
+        load_script().main(["--smoke", "--out", str(tmp_path / "out"), *flags])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
