@@ -20,9 +20,16 @@ resumes where it stopped (delete the file to start over):
 3. ``rehab``: LoRA rehab on Alpaca (the config's LoRARehab settings) after SVD-LLM and SAES-SVD at
    ``--rehab-ratios``, calibration draw 0, for every model.
 4. ``calibration``: SVD-LLM, AA-SVD and SAES-SVD (``--calibration-methods``) at 0.2 on the base model with
-   ``--calibration-sizes`` windows.
+   ``--calibration-sizes`` windows, ``--draws`` calibration draws each.
 5. ``zeroshot``: zero-shot accuracy (``prehab.zeroshot``, lm-eval on the local GLUE tasks) of every saved draw-0
    model (needs ``pip install 'prehab[zeroshot]'``).
+6. ``diagnose`` (not run by default): per-layer relative output errors of SVD-LLM / AA-SVD (``--diagnose-methods``)
+   on the base model at 0.2 with ``--diagnose-sizes`` calibration windows, on the calibration data and on new text
+   (WikiText-2 test, PTB test), and each factorized weight's norm against the original's.
+
+7. ``ridge`` (not run by default): the solvers' ``ridge`` (Tikhonov term toward the original weights) for AA-SVD
+   and SAES-SVD (``--ridge-methods``) on the base model at 0.2: ``--ridges`` scored on the held-out valid windows
+   (draw 0), the best on the test splits over ``--draws`` draws and with ``--ridge-sizes`` calibration windows.
 
 ``--report`` (also run at the end) writes ``OUT/results.md``, ``OUT/results.json``, ``OUT/rows.csv`` and
 ``OUT/prehab_vs_surgery.png`` from whatever rows exist. Draw-0 compressed models are saved with
@@ -33,6 +40,7 @@ models as plain Hugging Face folders under ``OUT/models/<model>/dense``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -181,19 +189,24 @@ class Benchmark:
                        "params": params, **row})
 
     def surgery_rows(self, name: str, method: str, ratios: list[float], draw: int, split: str = "test",
-                     samples: int | None = None, stage: str = "table") -> None:
-        """Compress model ``name`` with ``method`` at each ratio (one statistics pass shared by one-stream ratios)."""
+                     samples: int | None = None, stage: str = "table", ridge: float = 0.0) -> None:
+        """Compress model ``name`` with ``method`` at each ratio (one statistics pass shared by one-stream ratios).
+
+        ``ridge`` > 0: the callback's ``ridge`` (rows named ``{method}+ridge``, with the value in ``ridge``)."""
         samples = samples or self.args.calibration_windows
-        keys = {r: f"{stage}|{name}|{method}|{r:g}|{draw}|{samples}" for r in ratios}
+        suffix = f"|ridge{ridge:g}" if ridge else ""
+        keys = {r: f"{stage}|{name}|{method}|{r:g}|{draw}|{samples}{suffix}" for r in ratios}
         todo = [r for r in ratios if keys[r] not in self.rows]
         if not todo:
             return
         dense = self.load(name)
         loader = self.calibration(draw, samples)
-        for ratio, model, totals, seconds in compress_at_ratios(dense, METHODS[method], todo, loader):
-            row = {"key": keys[ratio], "stage": stage, "model": name, "method": method, "ratio": ratio, "draw": draw,
-                   "calibration_tokens": samples * self.seq_len, "params": totals["model_params_after"],
-                   "mean_relative_error": totals["mean_relative_error"], "seconds": seconds}
+        callback = functools.partial(METHODS[method], ridge=ridge) if ridge else METHODS[method]
+        for ratio, model, totals, seconds in compress_at_ratios(dense, callback, todo, loader):
+            row = {"key": keys[ratio], "stage": stage, "model": name, "method": method + ("+ridge" if ridge else ""),
+                   "ratio": ratio, "draw": draw, "calibration_tokens": samples * self.seq_len,
+                   "params": totals["model_params_after"], "mean_relative_error": totals["mean_relative_error"],
+                   "seconds": seconds, **({"ridge": ridge} if ridge else {})}
             if split == "heldout":
                 row["heldout_valid"] = self.ppl(model, self.heldout)
             else:
@@ -265,14 +278,20 @@ class Benchmark:
         seed = self.args.finetune_seed
         if seed == 0:
             return {"base": "base", "control": "control", "prehab": chosen}
-        names = {"base": "base", "control": f"control-seed{seed}", "prehab": f"{chosen}-seed{seed}"}
-        sweep = json.loads((Path(self.model_folder(chosen)) / "prehab.json").read_text())["candidate"]
-        self.train(names["control"], {"regularizer": "stable_rank", "lam": 0.0}, seed)
-        self.train(names["prehab"], sweep, seed)
+        return {"base": "base", "control": f"control-seed{seed}", "prehab": f"{chosen}-seed{seed}"}
+
+    def seed_models(self) -> dict[str, str]:
+        """:meth:`alias`'s names, with seed s > 0's two models fine-tuned first where they are not saved yet."""
+        chosen = self.chosen()
+        names = self.alias(chosen)
+        if self.args.finetune_seed:
+            sweep = json.loads((Path(self.model_folder(chosen)) / "prehab.json").read_text())["candidate"]
+            self.train(names["control"], {"regularizer": "stable_rank", "lam": 0.0}, self.args.finetune_seed)
+            self.train(names["prehab"], sweep, self.args.finetune_seed)
         return names
 
     def table(self) -> None:
-        names = self.alias(self.chosen())
+        names = self.seed_models()
         for label in MODEL_ORDER:
             self.dense_row(names[label], "test")
         methods = self.args.table_methods
@@ -285,7 +304,7 @@ class Benchmark:
                 self.surgery_rows(names[label], "aa_svd", self.args.two_stream_ratios, draw)
 
     def rehab(self) -> None:
-        names = self.alias(self.chosen())
+        names = self.seed_models()
         for ratio in self.args.rehab_ratios:
             for method in self.args.rehab_methods:
                 for label in MODEL_ORDER:
@@ -296,7 +315,7 @@ class Benchmark:
         from prehab.lowrank import load_compressed
         from prehab.zeroshot import zero_shot
 
-        names = self.alias(self.chosen())
+        names = self.seed_models()
         for label in MODEL_ORDER:
             name = names[label]
             folders = [("dense", 0.0, None)] + [
@@ -324,10 +343,69 @@ class Benchmark:
                                "seconds": time.perf_counter() - started,
                                **{f"{task}/acc": values["acc"] for task, values in scores.items()}})
 
+    def diagnose(self) -> None:
+        """Per-layer errors of the base model's compression at ``--diagnose-sizes`` (draw 0, ratio 0.2): on the
+        calibration data (the report's), on ``--diagnose-windows`` WikiText-2 test and PTB test windows
+        (:func:`~prehab.evaluation.layer_output_errors`), and ``‖W'‖ / ‖W‖``; tells a solution that fits its
+        calibration set but not new text (or blows up its weights) from one that is merely a worse fit."""
+        import copy
+
+        from prehab.evaluation import layer_output_errors
+
+        windows = self.args.diagnose_windows
+        held_out = {"wikitext2": list(self.test[:windows].split(1)), "ptb": list(self.ptb[:windows].split(1))}
+        for samples in self.args.diagnose_sizes:
+            for method in self.args.diagnose_methods:
+                key = f"diagnose|base|{method}|0.2|0|{samples}"
+                if key in self.rows:
+                    continue
+                dense = self.load("base")
+                model = copy.deepcopy(dense)
+                loader = self.calibration(0, samples)
+                callback = METHODS[method](ratio=0.2, calibration_batches=len(loader), plots=False)
+                started = time.perf_counter()
+                report = callback.compress(model, loader, progress=False)
+                seconds = time.perf_counter() - started
+                layers = [layer for layer in report.layers if layer.compressed]
+                names = [layer.name for layer in layers]
+                errors = {corpus: layer_output_errors(dense, model, batches, names)
+                          for corpus, batches in held_out.items()}
+                rows = []
+                for layer in layers:
+                    weight = dense.get_submodule(layer.name).weight.detach().double()
+                    approx = model.get_submodule(layer.name).weight.detach().double()
+                    rows.append({"name": layer.name, "rank": layer.rank, "calibration": layer.relative_error,
+                                 "damping": layer.damping, "norm_ratio": float(approx.norm() / weight.norm()),
+                                 **{corpus: errors[corpus][layer.name] for corpus in held_out}})
+                self.rows.add({"key": key, "stage": "diagnose", "model": "base", "method": method, "ratio": 0.2,
+                               "draw": 0, "calibration_tokens": samples * self.seq_len,
+                               "params": report.totals()["model_params_after"], "seconds": seconds,
+                               "held_out_windows": windows, "wikitext2": self.ppl(model, self.test),
+                               "ptb": self.ppl(model, self.ptb), "layers": rows})
+                del model
+
+    def ridge(self) -> None:
+        """The ``ridge`` argument of the two-stream solvers on the base model at 0.2: ``--ridges`` scored on held-out
+        WikiText-2 valid (draw 0), the best one (lowest held-out perplexity) then on the test splits over
+        ``--draws`` draws and with each of ``--ridge-sizes`` calibration windows (draw 0)."""
+        for method in self.args.ridge_methods:
+            for ridge in self.args.ridges:
+                self.surgery_rows("base", method, [0.2], 0, split="heldout", stage="ridge_sweep", ridge=ridge)
+            scores = {r["ridge"] if "ridge" in r else 0.0: r["heldout_valid"] for r in self.rows.rows.values()
+                      if r["stage"] == "ridge_sweep" and r["method"].split("+")[0] == method}
+            best = min(scores, key=scores.get)
+            if not best:
+                continue  # the exact closed form won: its test rows are the main table's
+            for draw in range(self.args.draws):
+                self.surgery_rows("base", method, [0.2], draw, stage="ridge", ridge=best)
+            for samples in self.args.ridge_sizes:
+                self.surgery_rows("base", method, [0.2], 0, samples=samples, stage="ridge", ridge=best)
+
     def calibration_sizes(self) -> None:
         for samples in self.args.calibration_sizes:
             for method in self.args.calibration_methods:
-                self.surgery_rows("base", method, [0.2], 0, samples=samples, stage="calibration")
+                for draw in range(self.args.draws):
+                    self.surgery_rows("base", method, [0.2], draw, samples=samples, stage="calibration")
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -371,8 +449,13 @@ def write_report(out: Path) -> None:
     for stage, title in (("table", "Main table: WikiText-2 test / PTB test perplexity, mean ± half-range over "
                                    "calibration draws"),
                          ("rehab", "After LoRA rehab on Alpaca (calibration draw 0)"),
-                         ("calibration", "Calibration size (base model, ratio 0.2, draw 0)")):
+                         ("calibration", "Calibration size (base model, ratio 0.2), mean ± half-range over "
+                                         "calibration draws")):
         picked = [r for r in all_rows if r["stage"] == stage or (stage == "table" and r["stage"] == "test")]
+        if stage == "calibration" and picked:  # the main table's base rows at 0.2 are the default size's draws
+            methods = {r["method"] for r in picked}
+            picked += [r for r in all_rows if r["stage"] == "table" and r["model"] == "base" and r["ratio"] == 0.2
+                       and r["method"] in methods]
         if not picked:
             continue
         lines += [f"## {title}", "", "| model | method | ratio | calibration tokens | params | WikiText-2 | PTB |",
@@ -402,11 +485,95 @@ def write_report(out: Path) -> None:
             cells = " | ".join(f"{r[t]:.3f}" if t in r else "-" for t in tasks)
             lines.append(f"| {label.get(r['model'], r['model'])} | {r['method']} | {r['ratio']:g} | {cells} |")
         lines.append("")
+    lines += ridge_lines(all_rows)
+    diagnosed = [r for r in all_rows if r["stage"] == "diagnose"]
+    lines += diagnose_lines(diagnosed)
     (out / "results.md").write_text("\n".join(lines))
     (out / "results.json").write_text(json.dumps({"chosen": chosen, "rows": all_rows}, indent=2))
-    write_csv(all_rows, out / "rows.csv")
+    write_csv([{k: v for k, v in r.items() if k != "layers"} for r in all_rows], out / "rows.csv")
     plot(all_rows, prehab, out / "prehab_vs_surgery.png")
+    if diagnosed:
+        plot_layer_errors(diagnosed, out / "layer_errors.png")
     print("\n".join(lines))
+
+
+def ridge_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The ridge stage: the held-out sweep, then the chosen ridge against the exact closed form on the test splits
+    (the exact rows: the main table's and the calibration-size stage's, base model at 0.2, same draws)."""
+    sweep = [r for r in rows if r["stage"] == "ridge_sweep"]
+    if not sweep:
+        return []
+    lines = ["## Ridge (Tikhonov term toward W) for the two-stream solvers (base model, ratio 0.2)", "",
+             "Held-out WikiText-2 valid perplexity, calibration draw 0 (chooses the ridge; no test split is used):",
+             "", "| method | ridge | held-out valid | mean relative error (calibration data) |", "|---|---|---|---|"]
+    for r in sorted(sweep, key=lambda r: (r["method"].split("+")[0], r.get("ridge", 0.0))):
+        lines.append(f"| {r['method'].split('+')[0]} | {r.get('ridge', 0.0):g} | {r['heldout_valid']:.2f} | "
+                     f"{r['mean_relative_error']:.4f} |")
+    tested = [r for r in rows if r["stage"] == "ridge"]
+    if tested:
+        methods = {r["method"].split("+")[0] for r in tested}
+        exact = [r for r in rows if r["stage"] in ("table", "calibration") and r["model"] == "base"
+                 and r["ratio"] == 0.2 and r["method"] in methods]
+        lines += ["", "Test splits: the chosen ridge against the exact closed form (mean ± half-range over draws):", "",
+                  "| method | ridge | calibration tokens | WikiText-2 | PTB |", "|---|---|---|---|---|"]
+        groups: dict[tuple, list[dict[str, Any]]] = {}
+        paired = {(r["method"].split("+")[0], r["calibration_tokens"], r["draw"]) for r in tested}  # same draws
+        for r in tested + [r for r in exact if (r["method"], r["calibration_tokens"], r["draw"]) in paired]:
+            groups.setdefault((r["method"].split("+")[0], r["calibration_tokens"], r.get("ridge", 0.0)), []).append(r)
+        for (method, tokens, ridge), group in sorted(groups.items()):
+            lines.append(f"| {method} | {ridge:g} | {tokens} | {spread([g['wikitext2'] for g in group])} | "
+                         f"{spread([g['ptb'] for g in group])} |")
+    return lines + [""]
+
+
+def block_of(name: str) -> int:
+    """The block index in a layer name like ``model.layers.12.mlp.up_proj`` (-1 when there is none)."""
+    return next((int(part) for part in name.split(".") if part.isdigit()), -1)
+
+
+def diagnose_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """The diagnose stage's table: layer errors and weight norms, averaged over each third of the blocks."""
+    if not rows:
+        return []
+    blocks = max(block_of(layer["name"]) for r in rows for layer in r["layers"]) + 1
+    thirds = [(0, blocks // 3), (blocks // 3, 2 * blocks // 3), (2 * blocks // 3, blocks)]
+    lines = ["## Diagnose: relative layer output error ‖WX − W'X̂‖² / ‖WX‖², on the calibration data and on new text",
+             "", f"Base model, ratio 0.2, calibration draw 0; new text: the first {rows[0]['held_out_windows']} test "
+             "windows of each corpus. Mean over the layers of each third of the blocks; norm: ‖W'‖_F / ‖W‖_F "
+             "(mean, max).", "",
+             "| method | calibration tokens | blocks | calibration data | WikiText-2 test | PTB test | norm mean | "
+             "norm max | perplexity WikiText-2 / PTB |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["method"], r["calibration_tokens"])):
+        for first, stop in thirds:
+            part = [layer for layer in r["layers"] if first <= block_of(layer["name"]) < stop]
+            if not part:
+                continue
+            mean = {k: statistics.fmean(layer[k] for layer in part) for k in ("calibration", "wikitext2", "ptb",
+                                                                                 "norm_ratio")}
+            lines.append(
+                f"| {r['method']} | {r['calibration_tokens']} | {first}-{stop - 1} | {mean['calibration']:.4f} | "
+                f"{mean['wikitext2']:.4f} | {mean['ptb']:.4f} | {mean['norm_ratio']:.3f} | "
+                f"{max(layer['norm_ratio'] for layer in part):.3f} | {r['wikitext2']:.2f} / {r['ptb']:.2f} |"
+            )
+    return lines + [""]
+
+
+def plot_layer_errors(rows: list[dict[str, Any]], path: Path) -> None:
+    """Per-layer relative output error on WikiText-2 test and PTB test against depth, one line per row."""
+    plt = pyplot()
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
+    for axis, corpus in zip(axes, ("wikitext2", "ptb"), strict=True):
+        for r in sorted(rows, key=lambda r: (r["method"], r["calibration_tokens"])):
+            axis.plot([layer[corpus] for layer in r["layers"]], linewidth=0.9,
+                      label=f"{r['method']}, {r['calibration_tokens']} tokens")
+        axis.set_yscale("log")
+        axis.set_xlabel("compressed layer (model order)")
+        axis.set_title(f"relative output error on {'WikiText-2' if corpus == 'wikitext2' else 'PTB'} test")
+        axis.legend(fontsize=8)
+    axes[0].set_ylabel("‖WX − W'X̂‖² / ‖WX‖²")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def finetune_seeds(rows: list[dict[str, Any]], prehab: str | None) -> list[int]:
@@ -514,7 +681,9 @@ def smoke_setup(args: argparse.Namespace) -> dict[str, Any]:
     args.heldout_windows, args.rehab_steps = 4, 2
     args.candidates = args.candidates[:1]
     args.ratios, args.two_stream_ratios, args.sweep_ratios, args.rehab_ratios = [0.2, 0.4], [0.4], [0.4], [0.4]
-    args.calibration_sizes = [2, 4]
+    args.calibration_sizes = args.diagnose_sizes = [2, 4]
+    args.ridge_sizes = [4]
+    args.diagnose_windows = 2
     args.zeroshot_limit = 4
     return settings
 
@@ -527,7 +696,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="folder with wikitext-2-raw, ptb, alpaca (default ../shared/data)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "prehab_llm"))
     parser.add_argument("--stages", nargs="+", default=["sweep", "table", "rehab"],
-                        choices=["sweep", "table", "rehab", "calibration", "zeroshot"])
+                        choices=["sweep", "table", "rehab", "calibration", "zeroshot", "diagnose", "ridge"])
     parser.add_argument("--report", action="store_true", help="only write the tables/plots from OUT/rows.jsonl")
     parser.add_argument("--candidates", nargs="+",
                         default=["stable_rank:0.01", "tail:0.1:0.4", "tail:1:0.4", "tail:10:0.4"],
@@ -548,6 +717,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calibration-sizes", type=int, nargs="+", default=[8, 32, 128])
     parser.add_argument("--calibration-methods", nargs="+", default=["svd_llm", "aa_svd", "saes_svd"],
                         choices=METHODS)
+    parser.add_argument("--ridges", type=float, nargs="+", default=[0.0, 1e-3, 1e-2, 1e-1],
+                        help="ridge values of the ridge stage's sweep (0: the exact closed form)")
+    parser.add_argument("--ridge-methods", nargs="+", default=["aa_svd", "saes_svd"], choices=METHODS)
+    parser.add_argument("--ridge-sizes", type=int, nargs="*", default=[128],
+                        help="calibration windows of the ridge stage's extra test rows (draw 0)")
+    parser.add_argument("--diagnose-sizes", type=int, nargs="+", default=[32, 128],
+                        help="calibration windows of the diagnose stage")
+    parser.add_argument("--diagnose-methods", nargs="+", default=["aa_svd", "svd_llm"], choices=METHODS)
+    parser.add_argument("--diagnose-windows", type=int, default=8, help="test windows per corpus for layer errors")
     parser.add_argument("--eval-windows", type=int, help="test windows per corpus (default: max_eval_windows)")
     parser.add_argument("--heldout-windows", type=int, default=16, help="last valid windows kept for the sweep")
     parser.add_argument("--aa-all", action="store_true", help="AA-SVD on every model, not only base")
@@ -581,10 +759,10 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "settings.json").write_text(json.dumps({"args": vars(args), "settings": settings}, indent=2, default=str))
     bench = Benchmark(args, settings)
-    for stage in ("sweep", "table", "rehab", "calibration", "zeroshot"):
+    for stage in ("sweep", "table", "rehab", "calibration", "zeroshot", "diagnose", "ridge"):
         if stage in args.stages:
-            {"sweep": bench.sweep, "table": bench.table, "rehab": bench.rehab,
-             "calibration": bench.calibration_sizes, "zeroshot": bench.zeroshot}[stage]()
+            {"sweep": bench.sweep, "table": bench.table, "rehab": bench.rehab, "calibration": bench.calibration_sizes,
+             "zeroshot": bench.zeroshot, "diagnose": bench.diagnose, "ridge": bench.ridge}[stage]()
             write_report(out)
 
 

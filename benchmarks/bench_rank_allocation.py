@@ -29,6 +29,7 @@ import torch
 
 from prehab.callbacks import AASVD, SAESSVD, SVDLLM
 from prehab.evaluation import perplexity
+from prehab.refine import DEFAULT_REFINE_LR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Rows, spread  # noqa: E402
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--refine-steps", type=int, default=0, help="add a row per two-stream method: the last allocation + refinement"
     )
-    parser.add_argument("--refine-lr", type=float, default=3e-4)
+    parser.add_argument("--refine-lr", type=float, default=DEFAULT_REFINE_LR)
     parser.add_argument("--draws", type=int, default=1, help="calibration draws (seeds 0..N-1), same for every row")
     parser.add_argument("--calibration-samples", type=int, default=32)
     parser.add_argument("--eval-windows", type=int, default=24)

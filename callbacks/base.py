@@ -27,7 +27,14 @@ from tqdm.auto import tqdm
 from prehab.allocation import allocate_equal_error, allocate_ranks
 from prehab.calibration import collect_input_covariances, take_batches
 from prehab.checks import is_count, is_real
-from prehab.linalg import LowRankFactors, damped_cholesky, factor_params, output_error, rank_from_ratio
+from prehab.linalg import (
+    LowRankFactors,
+    damped_cholesky,
+    factor_params,
+    output_error,
+    rank_from_ratio,
+    ridge_statistics,
+)
 from prehab.lowrank import (
     CHECKPOINT_KEY,
     LowRankLinear,
@@ -37,7 +44,7 @@ from prehab.lowrank import (
     save_compressed,
 )
 from prehab.pipeline import GroupStatistics, covered_by_blocks, one_stream_blocks, sequential_compress
-from prehab.refine import refine_block
+from prehab.refine import DEFAULT_REFINE_LR, refine_block
 from prehab.report import CompressionReport, LayerReport, StageReport, SweepRow, model_size
 from prehab.rollback import RollbackStore
 from prehab.targets import find_blocks, resolve_targets
@@ -156,6 +163,11 @@ class LowRankCompression(Callback):
         blocks: name of the model's repeated block list (e.g. ``"model.layers"``) when the automatic
             search does not find it.
         damping: first relative damping (x trace/n) tried when a covariance is not positive definite.
+        ridge: ``ε`` of a Tikhonov term ``ε · trace/n · ‖W − W'‖²`` added to every layer's objective (see
+            :func:`prehab.linalg.ridge_statistics`): keeps the original weights in input directions the calibration
+            data barely reaches, where the exact closed form (``0``, the papers') may put huge coefficients. On
+            SmolLM2 AA-SVD's exact solution reaches 186x the original weight norm in some layers
+            (benchmarks/RESULTS.md §7); try 1e-3 to 1e-1. The report's errors stay those on the real data.
         verbose: one log line per layer.
         compare: other methods (by name: ``"svd"``, ``"svd_llm"``, ``"aa_svd"``, ``"saes_svd"``) to run at the same
             ratios, for the report only; the model ends compressed by this one.
@@ -208,6 +220,7 @@ class LowRankCompression(Callback):
         save_dir: str | None = None,
         blocks: str | None = None,
         damping: float = 1e-6,
+        ridge: float = 0.0,
         verbose: bool = False,
         compare: list[str] | None = None,
         evaluate: bool = True,
@@ -217,7 +230,7 @@ class LowRankCompression(Callback):
         min_kept_fraction: float = 0.1,
         allocation_weighting: str = "equal",
         refine_steps: int = 0,
-        refine_lr: float = 3e-4,
+        refine_lr: float = DEFAULT_REFINE_LR,
         statistics_budget_gb: float = 2.0,
     ) -> None:
         if ratio is not None and ratios is not None:
@@ -288,7 +301,9 @@ class LowRankCompression(Callback):
                 f"propagate=True); {type(self).__name__} has no original stream to refine against. Use refine_steps=0."
             )
         if not (is_real(refine_lr) and refine_lr > 0):
-            raise ValueError(f"refine_lr={refine_lr!r} is invalid: use a small positive learning rate such as 3e-4.")
+            raise ValueError(
+                f"refine_lr={refine_lr!r} is invalid: use a small positive learning rate such as {DEFAULT_REFINE_LR:g}."
+            )
         if not ((is_real(statistics_budget_gb) or statistics_budget_gb == float("inf")) and statistics_budget_gb >= 0):
             raise ValueError(
                 f"statistics_budget_gb={statistics_budget_gb!r} is invalid: use a number of GiB >= 0 (e.g. 2.0; 0: "
@@ -299,6 +314,12 @@ class LowRankCompression(Callback):
         self.allocation_weighting = allocation_weighting
         self.refine_steps, self.refine_lr = refine_steps, float(refine_lr)
         self.damping = _check_damping(damping)
+        if not (is_real(ridge) and 0.0 <= ridge < float("inf")):
+            raise ValueError(
+                f"ridge={ridge!r} is invalid: use a number >= 0 (0: the exact closed form; e.g. 1e-2 to keep the "
+                "original weights where the calibration inputs have almost no variance)."
+            )
+        self.ridge = float(ridge)
         self.verbose = _check_flag("verbose", verbose)
         self.evaluate = _check_flag("evaluate", evaluate)
         self.save_dense = _check_flag("save_dense", save_dense)
@@ -332,6 +353,7 @@ class LowRankCompression(Callback):
             "calibration_batches": self.calibration_batches,
             "blocks": self.blocks,
             "damping": self.damping,
+            "ridge": self.ridge,
             "rank_allocation": self.rank_allocation,
             "min_kept_fraction": self.min_kept_fraction,
             "allocation_weighting": self.allocation_weighting,
@@ -669,6 +691,7 @@ class LowRankCompression(Callback):
             seconds=seconds,
             spectra=self._spectra,
             rank_allocation=self.rank_allocation,
+            ridge=self.ridge,
             refinement=refinements,
         )
         self.report = report
@@ -738,7 +761,7 @@ class LowRankCompression(Callback):
                 )
             return LayerReport(name, out_features, in_features, None, dense_params, dense_params, None, note=note), None
         stats = stats or {}
-        factors = self.solve_layer(name, weight, layer_rank, stats)
+        factors = self.solve_layer(name, weight, layer_rank, ridge_statistics(stats, self.ridge))
         if not (torch.isfinite(factors.up).all() and torch.isfinite(factors.down).all()):
             raise FloatingPointError(f"{self.method} produced non-finite factors for layer {name!r}.")
         error = self._relative_error(weight, factors.up @ factors.down, stats)

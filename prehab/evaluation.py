@@ -25,6 +25,9 @@ from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 
+from prehab.calibration import padding_mask
+from prehab.stats import token_rows
+
 IGNORE_INDEX = -100
 
 
@@ -258,3 +261,63 @@ def evaluate_classification(
     :func:`evaluate_metrics`'s."""
     kwargs.setdefault("output_transform", logits_to_predictions)
     return evaluate_metrics(model, dataloader, metrics, **kwargs)
+
+
+def layer_output_errors(
+    original: nn.Module, compressed: nn.Module, batches: Iterable[Any], names: Iterable[str]
+) -> dict[str, float]:
+    """Each named layer's relative output error ``‖W X − W' X̂‖² / ‖W X‖²`` on new data (not the calibration set).
+
+    ``X`` is what the layer receives inside ``original`` and ``X̂`` what its replacement receives inside
+    ``compressed`` on the same batch, so this is the anchored objective of AA-SVD (and the one-stream objective
+    of SVD-LLM for the first compressed layer) measured out of sample; the compression report's
+    ``relative_error`` is the same quantity on the calibration data. ``‖W X‖²`` is taken from the original
+    layer's output minus its bias. Padded tokens of a dict batch's ``attention_mask`` are left out (see
+    :func:`prehab.calibration.padding_mask`).
+
+    Args:
+        original: the model before compression (same module names as ``compressed``).
+        compressed: the model after compression.
+        batches: inputs both models accept (see :func:`forward_batch`); one batch's outputs of every named
+            layer are held at once, so keep batches small.
+        names: module names present in both models, e.g. the keys of ``compressed``'s report.
+
+    Returns:
+        ``{name: relative error}``; NaN for a layer whose original output was zero on every batch.
+    """
+    names = list(names)
+    errors = dict.fromkeys(names, 0.0)
+    references = dict.fromkeys(names, 0.0)
+    modules = {
+        "original": {name: original.get_submodule(name) for name in names},
+        "compressed": {name: compressed.get_submodule(name) for name in names},
+    }
+    outputs: dict[str, dict[str, Tensor]] = {"original": {}, "compressed": {}}  # one batch's, overwritten
+
+    def keep(side: str, name: str) -> Callable[..., None]:
+        return lambda _module, _inputs, out: outputs[side].__setitem__(name, out.detach())
+
+    handles = [
+        module.register_forward_hook(keep(side, name))
+        for side, layers in modules.items()
+        for name, module in layers.items()
+    ]
+    device = model_device(compressed)
+    try:
+        with evaluating(original), evaluating(compressed):
+            for batch in batches:
+                batch = move_data_to_device(batch, device)
+                mask = padding_mask(batch)
+                forward_batch(original, batch)
+                forward_batch(compressed, batch)
+                for name in names:
+                    y = token_rows(outputs["original"][name], mask).double()
+                    y_hat = token_rows(outputs["compressed"][name], mask).double()
+                    bias = getattr(modules["original"][name], "bias", None)
+                    signal = y if bias is None else y - bias.double()
+                    errors[name] += float((y - y_hat).pow(2).sum())
+                    references[name] += float(signal.pow(2).sum())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: errors[name] / references[name] if references[name] > 0 else float("nan") for name in names}

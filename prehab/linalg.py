@@ -28,6 +28,7 @@ __all__ = [
     "LowRankFactors",
     "damped_cholesky",
     "damping_schedule",
+    "ridge_statistics",
     "factor_params",
     "output_error",
     "rank_from_ratio",
@@ -148,6 +149,28 @@ def damped_cholesky(
         f"covariance is not positive definite even with damping {schedule[-1]:g} x trace/n; "
         "the calibration inputs are degenerate (check for constant or all-zero activations)."
     )
+
+
+def ridge_statistics(stats: dict[str, Tensor], ridge: float) -> dict[str, Tensor]:
+    """``stats`` with ``ε·s·I`` added to the covariances a solver reads: ``H`` and ``C`` (two streams), else ``G``.
+
+    ``s = trace/n`` of ``H`` (else ``G``). This is the statistics of the calibration inputs plus ``n``
+    pseudo-inputs ``x = x̂ = √(ε s) e_i`` on which the compressed layer must reproduce the original one, so every
+    solver's objective gains ``ε s ‖W − W'‖_F²``: the anchored objective ``‖WX − W'X̂‖² + ε s ‖W − W'‖²``
+    (AA-SVD; SAES-SVD's cross term ``(1−β)H + βC`` shifts alike), SVD-LLM's ``‖(W − W')X‖² + ε s ‖W − W'‖²``.
+    Directions the calibration inputs barely reach then keep ``W`` instead of whatever coefficients fit the
+    calibration set (the Tikhonov factor of the AA-SVD paper's Remark 3.3, with ``ε`` kept above zero). ``G`` of a
+    two-stream group is left as it is (no solver reads it; it would be one more ``n x n`` copy). ``ridge = 0``
+    returns ``stats`` itself.
+    """
+    if ridge == 0.0 or not stats:
+        return stats
+    keys = ("H", "C") if "H" in stats else ("G",)
+    base = stats[keys[0]]
+    n = base.shape[-1]
+    shift = ridge * float(torch.diagonal(base).sum()) / n
+    eye = torch.eye(n, dtype=base.dtype, device=base.device)
+    return {key: value + shift * eye if key in keys else value for key, value in stats.items()}
 
 
 def truncated_svd(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -27,7 +27,10 @@ from torch import Tensor, nn
 
 from prehab.stats import all_reduce_sum_
 
-__all__ = ["BlockRefinement", "refine_block"]
+__all__ = ["DEFAULT_REFINE_LR", "BlockRefinement", "refine_block"]
+
+# Chosen on WikiText-2 valid with SmolLM2-135M (benchmarks/RESULTS.md §8): 1e-4 and 1e-3 both refined less.
+DEFAULT_REFINE_LR = 3e-4
 
 
 @dataclass
@@ -65,7 +68,7 @@ def refine_block(
     target: Callable[[int], Tensor],
     batches: int,
     steps: int,
-    lr: float = 3e-4,
+    lr: float = DEFAULT_REFINE_LR,
     name: str = "",
 ) -> BlockRefinement:
     """Adam on ``parameters`` (a block's factors) for ``steps`` passes over ``batches`` calibration batches.

@@ -10,6 +10,7 @@ plots (:mod:`prehab.plots`). Printed as rich tables at the end of a run.
   ``rank_allocation="global"``: spectra and allocation, and for two-stream methods the extra one-stream pass)
   and ``refinement`` (with ``refine_steps``) when used;
 - ``rank_allocation``: ``"uniform"`` or ``"global"``;
+- ``ridge``: the solvers' Tikhonov ``ε`` (0: the exact closed form; see :func:`prehab.linalg.ridge_statistics`);
 - ``refinement``: one entry per refined block ``{block, steps, error_before, error_after, kept, seconds}``
   (relative block-output errors on the calibration data); empty without refinement;
 - ``totals``: layer and parameter counts of the targeted layers and of the whole model (see :meth:`totals`);
@@ -140,6 +141,7 @@ class CompressionReport:
     sweep: list[SweepRow] = field(default_factory=list)
     spectra: dict[str, dict[str, Any]] = field(default_factory=dict)
     rank_allocation: str = "uniform"
+    ridge: float = 0.0
     refinement: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -187,6 +189,7 @@ class CompressionReport:
                 "ratios": self.ratios,
                 "calibration_samples": self.calibration_samples,
                 "rank_allocation": self.rank_allocation,
+                "ridge": self.ridge,
                 "seconds": self.seconds,
                 "totals": self.totals(),
                 "stages": [asdict(stage) for stage in self.stages],
@@ -340,7 +343,9 @@ class CompressionReport:
             f"({100 * totals['model_ratio_removed']:.1f}% removed; targeted layers "
             f"{100 * totals['target_ratio_removed']:.1f}% removed). Calibration: {self.calibration_samples:,} rows "
             "per layer (tokens or patches; padded positions are not counted). "
-            f"Ranks: {self.rank_allocation}. Surgery: {self.seconds.get('total', 0.0):.1f} s"
+            f"Ranks: {self.rank_allocation}. "
+            + (f"Ridge {self.ridge:g} (solved with ε·trace/n·I added to the covariances). " if self.ridge else "")
+            + f"Surgery: {self.seconds.get('total', 0.0):.1f} s"
             + "".join(
                 f", {key} {self.seconds[key]:.1f} s" for key in ("allocation", "refinement") if key in self.seconds
             )

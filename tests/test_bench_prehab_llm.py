@@ -41,11 +41,13 @@ def test_smoke_runs_every_stage_and_saved_models_reproduce_the_table(tmp_path, o
             "rehab",
             "calibration",
             "zeroshot",
+            "diagnose",
+            "ridge",
         ]
     )
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
     stages = {r["stage"] for r in rows}
-    assert {"heldout", "sweep", "test", "table", "rehab", "calibration", "zeroshot"} <= stages
+    assert {"heldout", "sweep", "test", "table", "rehab", "calibration", "zeroshot", "diagnose"} <= stages
     zeroshot = [r for r in rows if r["stage"] == "zeroshot"]
     assert {r["method"] for r in zeroshot} >= {"dense", "svd_llm", "svd_llm+rehab", "saes_svd+rehab"}
     assert all(0 <= r[f"{task}/acc"] <= 1 for r in zeroshot for task in ("prehab_rte", "prehab_sst2"))
@@ -89,6 +91,37 @@ def test_smoke_runs_every_stage_and_saved_models_reproduce_the_table(tmp_path, o
     line = next(x for x in markdown.splitlines() if x.startswith("| svd_llm | 0.4 | 0 | 2 |"))
     assert line.split(" | ")[5].startswith(f"{sum(quotients) / 2:.3f} [{min(quotients):.3f}, {max(quotients):.3f}]")
     assert (out / "prehab_vs_surgery.png").stat().st_size > 10_000
+
+    # calibration sizes: every method at every size on both draws
+    calibration = {(r["method"], r["calibration_tokens"], r["draw"]) for r in rows if r["stage"] == "calibration"}
+    assert calibration == {(m, n * 32, d) for m in ("svd_llm", "aa_svd", "saes_svd") for n in (2, 4) for d in (0, 1)}
+    # diagnose: the same compression as the calibration stage's (same draw and size: same perplexity) ...
+    diagnosed = {(r["method"], r["calibration_tokens"]): r for r in rows if r["stage"] == "diagnose"}
+    assert set(diagnosed) == {(m, n * 32) for m in ("aa_svd", "svd_llm") for n in (2, 4)}
+    for r in rows:
+        same = diagnosed.get((r["method"], r.get("calibration_tokens")))
+        if r["stage"] == "calibration" and r["draw"] == 0 and same:
+            assert same["wikitext2"] == pytest.approx(r["wikitext2"], rel=1e-6)
+    # ... and where nothing upstream is compressed yet (block 0's q/k/v read the same X in both streams) AA-SVD's
+    # anchored solution is SVD-LLM's, so their errors on new text agree (with 128 tokens: 64 tokens of a 32-wide
+    # model leave XXᵀ so ill-conditioned that the two float paths differ off the data's span)
+    layers = {m: {x["name"]: x for x in diagnosed[m, 128]["layers"]} for m in ("aa_svd", "svd_llm")}
+    for corpus in ("wikitext2", "ptb"):
+        first = layers["svd_llm"]["model.layers.0.self_attn.q_proj"][corpus]
+        assert layers["aa_svd"]["model.layers.0.self_attn.q_proj"][corpus] == pytest.approx(first, rel=1e-4)
+    assert all(x["wikitext2"] > 0 and x["ptb"] > 0 and x["norm_ratio"] > 0 for x in layers["aa_svd"].values())
+    assert "Diagnose" in markdown and (out / "layer_errors.png").stat().st_size > 10_000
+    # ridge: every value scored on held-out valid for both two-stream methods; the best one on the test splits
+    sweep = [r for r in rows if r["stage"] == "ridge_sweep"]
+    assert sorted((r["method"], r.get("ridge", 0.0)) for r in sweep) == sorted(
+        (m + ("+ridge" if v else ""), v) for m in ("aa_svd", "saes_svd") for v in (0.0, 1e-3, 1e-2, 1e-1))
+    for method in ("aa_svd", "saes_svd"):
+        scores = {r.get("ridge", 0.0): r["heldout_valid"] for r in sweep if r["method"].startswith(method)}
+        best = min(scores, key=scores.get)
+        tested = {(r["draw"], r["calibration_tokens"], r["ridge"]) for r in rows
+                  if r["stage"] == "ridge" and r["method"] == method + "+ridge"}
+        assert tested == ({(0, 128, best), (1, 128, best)} if best else set())
+    assert "Ridge (Tikhonov" in markdown
     assert (out / "rows.csv").read_text().count("\n") == len({r["key"] for r in rows}) + 1
 
     # a second fine-tune seed: control and the chosen penalty are fine-tuned again, paired with each other

@@ -203,3 +203,81 @@ def test_evaluate_metrics_on_dict_batches_and_max_batches():
     # The generic loop passes logits through untouched unless told otherwise.
     argmax = evaluate_metrics(AlwaysOne(), data, metrics, output_transform=lambda logits: logits.argmax(-1))
     assert argmax == {"val_accuracy": 0.5}
+
+
+def _replace_with_svd(model: nn.Module, name: str, rank: int) -> None:
+    from prehab.lowrank import LowRankLinear, dense_weight, replace_module
+
+    layer = model.get_submodule(name)
+    weight = dense_weight(layer)
+    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+    new = LowRankLinear.from_factors(u[:, :rank] * s[:rank], vh[:rank], layer.bias, like=weight)
+    replace_module(model, name, new)
+
+
+def _inputs(model: nn.Module, name: str, batch: torch.Tensor) -> torch.Tensor:
+    seen = []
+    handle = model.get_submodule(name).register_forward_hook(lambda _m, args, _o: seen.append(args[0].detach()))
+    with torch.no_grad():
+        model.eval()(batch)
+    handle.remove()
+    return seen[0].reshape(-1, seen[0].shape[-1]).double()
+
+
+def test_layer_output_errors_against_explicit_activations():
+    """GPT-2 (Conv1D, biases): one layer of block 0 replaced. Layers upstream of it are exact; it and an unchanged
+    layer of block 1 get ‖W X − W' X̂‖² / ‖W X‖² computed from explicitly captured inputs."""
+    import copy
+
+    from conftest import tiny_gpt2
+
+    from prehab.evaluation import layer_output_errors
+    from prehab.lowrank import LowRankLinear, dense_weight
+
+    torch.manual_seed(0)
+    original = tiny_gpt2()
+    compressed = copy.deepcopy(original)
+    _replace_with_svd(compressed, "transformer.h.0.mlp.c_proj", rank=3)
+    names = [f"transformer.h.{b}.{layer}" for b in (0, 1) for layer in ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                                                          "mlp.c_proj")]
+    batches = [torch.randint(0, 96, (2, 12)), torch.randint(0, 96, (3, 12))]
+    errors = layer_output_errors(original, compressed, batches, names)
+    for upstream in names[:3]:
+        assert errors[upstream] == 0.0
+    for name in ("transformer.h.0.mlp.c_proj", "transformer.h.1.attn.c_attn"):
+        w = dense_weight(original.get_submodule(name)).double()
+        replaced = compressed.get_submodule(name)
+        w_new = (replaced.weight if isinstance(replaced, LowRankLinear) else dense_weight(replaced)).double()
+        err = ref = 0.0
+        for batch in batches:
+            x, x_hat = _inputs(original, name, batch), _inputs(compressed, name, batch)
+            err += float((x @ w.T - x_hat @ w_new.T).pow(2).sum())
+            ref += float((x @ w.T).pow(2).sum())
+        assert errors[name] == pytest.approx(err / ref, rel=1e-5)
+        assert errors[name] > 1e-4
+
+
+def test_layer_output_errors_leave_padding_out():
+    """A right-padded row with its attention_mask counts exactly like the same row cut to its real tokens."""
+    import copy
+
+    from conftest import tiny_llama as tiny_llama_config
+
+    from prehab.evaluation import layer_output_errors
+
+    torch.manual_seed(0)
+    original = tiny_llama_config()
+    compressed = copy.deepcopy(original)
+    _replace_with_svd(compressed, "model.layers.0.mlp.up_proj", rank=2)
+    names = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"]
+    ids = torch.randint(3, 96, (2, 16))
+    mask = torch.ones_like(ids)
+    mask[0, 9:] = 0
+    padded = {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}
+    cut = [{"input_ids": ids[:1, :9]}, {"input_ids": ids[1:]}]
+    with_mask = layer_output_errors(original, compressed, [padded], names)
+    reference = layer_output_errors(original, compressed, cut, names)
+    unmasked = layer_output_errors(original, compressed, [{"input_ids": padded["input_ids"]}], names)
+    for name in names:
+        assert with_mask[name] == pytest.approx(reference[name], rel=1e-5)
+        assert unmasked[name] != pytest.approx(reference[name], rel=1e-3)  # the padded rows would have counted

@@ -10,6 +10,7 @@ from prehab.linalg import (
     factor_params,
     output_error,
     rank_from_ratio,
+    ridge_statistics,
     solve_lowrank,
     truncated_svd,
 )
@@ -149,3 +150,56 @@ def test_rank_from_ratio_formula_and_errors():
     for bad in (0.0, 1.0, -0.1, 1.5):
         with pytest.raises(ValueError, match="ratio"):
             rank_from_ratio(4, 4, bad)
+
+
+def test_ridge_statistics_are_the_calibration_set_plus_pseudo_inputs():
+    """ε·s·I on H, C (G alone for one stream) is exactly the statistics of X, X̂ with n extra columns
+    √(ε s) e_i in both streams."""
+    w, x, x_hat = _problem(seed=3)
+    stats = {"G": x @ x.T, "H": x_hat @ x_hat.T, "C": x @ x_hat.T}
+    ridge = 0.05
+    s = float(torch.trace(stats["H"])) / 8
+    pseudo = math.sqrt(ridge * s) * torch.eye(8, dtype=torch.float64)
+    x_aug, x_hat_aug = torch.cat([x, pseudo], 1), torch.cat([x_hat, pseudo], 1)
+    ridged = ridge_statistics(stats, ridge)
+    assert ridged["G"] is stats["G"]  # no solver reads G when H is there
+    torch.testing.assert_close(ridged["H"], x_hat_aug @ x_hat_aug.T)
+    torch.testing.assert_close(ridged["C"], x_aug @ x_hat_aug.T)
+    assert ridge_statistics(stats, 0.0) is stats and ridge_statistics({}, 0.1) == {}
+    # one-stream statistics (SVD-LLM): G alone, scaled by its own trace
+    only_g = ridge_statistics({"G": stats["G"]}, ridge)["G"]
+    shift = ridge * float(torch.trace(stats["G"])) / 8
+    torch.testing.assert_close(only_g, stats["G"] + shift * torch.eye(8, dtype=torch.float64))
+    # the anchored solve on ridged statistics reaches Theorem 3.1's minimum of the augmented problem, i.e. the
+    # minimum of ‖WX − W'X̂‖² + ε s ‖W − W'‖²
+    for rank in (1, 3, 5):
+        f = solve_lowrank(w, rank, whitening=ridged["H"], cross=ridged["C"])
+        achieved = _objective(w, f.up @ f.down, x, x_hat) + ridge * s * float((w - f.up @ f.down).pow(2).sum())
+        assert achieved == pytest.approx(_theorem_minimum(w, x_aug, x_hat_aug, rank), rel=1e-8)
+
+
+def test_ridge_keeps_weights_where_the_compressed_inputs_have_no_variance():
+    """A channel the compressed stream has (nearly) lost: the exact anchored solution regresses W X on that
+    channel's noise with huge coefficients, which fit the calibration set and nothing else; the ridge keeps the
+    weight near W and does better on new samples from the same distribution."""
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(6, 8, generator=g, dtype=torch.float64)
+
+        def sample(n, g=g):
+            x = torch.randn(8, n, generator=g, dtype=torch.float64)
+            x_hat = x + 0.1 * torch.randn(8, n, generator=g, dtype=torch.float64)
+            x_hat[0] = 1e-3 * torch.randn(n, generator=g, dtype=torch.float64)  # channel 0 lost upstream
+            return x, x_hat
+
+        x, x_hat = sample(30)
+        stats = {"H": x_hat @ x_hat.T / 30, "C": x @ x_hat.T / 30}
+        exact = solve_lowrank(w, 4, whitening=stats["H"], cross=stats["C"])
+        ridged_stats = ridge_statistics(stats, 1e-2)
+        ridged = solve_lowrank(w, 4, whitening=ridged_stats["H"], cross=ridged_stats["C"])
+        a_exact, a_ridged = exact.up @ exact.down, ridged.up @ ridged.down
+        assert a_exact.norm() > 5 * w.norm()  # the blow-up
+        assert a_ridged.norm() < 2 * w.norm()
+        assert _objective(w, a_exact, x, x_hat) < _objective(w, a_ridged, x, x_hat)  # exact wins in sample ...
+        new_x, new_x_hat = sample(2000)
+        assert _objective(w, a_ridged, new_x, new_x_hat) < _objective(w, a_exact, new_x, new_x_hat)  # ... not out

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 import prehab
 from prehab import LowRankLinear
-from prehab.callbacks import SAESSVD, SVD, SVDLLM
+from prehab.callbacks import AASVD, SAESSVD, SVD, SVDLLM
 
 
 class StepCounter(pl.Callback):
@@ -51,6 +51,9 @@ def test_bad_targets_and_blocks_fail_before_the_first_training_step(kwargs, matc
         (SVDLLM, {"damping": None}, r"damping=None is invalid"),
         (SVDLLM, {"damping": math.inf}, r"damping=inf is invalid"),
         (SVDLLM, {"damping": 0.0}, r"damping=0.0 is invalid"),
+        (AASVD, {"ridge": -0.1}, r"ridge=-0.1 is invalid: use a number >= 0"),
+        (AASVD, {"ridge": math.nan}, r"ridge=nan is invalid"),
+        (SAESSVD, {"ridge": "0.01"}, r"ridge='0.01' is invalid"),
         (SAESSVD, {"beta": "0.5"}, r"beta='0.5' is invalid: use a number in \[0, 1\]"),
         (SAESSVD, {"beta_cap": "x"}, r"beta_cap='x' is invalid"),
         (SVDLLM, {"targets": []}, r"targets=\[\] selects no layer"),

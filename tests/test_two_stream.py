@@ -211,6 +211,28 @@ def test_shift_aware_methods_not_worse_than_svd_llm_at_the_output(kind):
     assert errors["aa_svd"] <= errors["svd_llm"] and errors["saes_svd"] <= errors["svd_llm"], errors
 
 
+def test_ridge_shrinks_the_solution_and_reports_errors_on_the_real_data():
+    """AASVD(ridge=...) solves on ridged statistics (smaller weights than the exact closed form), while the
+    report's error stays measured on the calibration data: for block 0's q_proj (X̂ = X, nothing upstream is
+    compressed) the exact solution is the in-sample optimum, so the ridged one cannot report less."""
+    torch.manual_seed(0)
+    base = TinyModule("llama")
+    loader = loader_for("llama", n=16, batch_size=8)
+    reports, norms = {}, {}
+    for ridge in (0.0, 0.3):
+        module = copy.deepcopy(base)
+        report = AASVD(ratio=0.5, ridge=ridge).compress(module, loader, progress=False)
+        assert report.to_dict()["ridge"] == ridge and (f"Ridge {ridge:g}" in report.to_markdown()) == (ridge > 0)
+        reports[ridge] = {layer.name: layer for layer in report.layers}
+        norms[ridge] = {name: float(m.weight.detach().norm()) for name, m in module.named_modules()
+                        if isinstance(m, LowRankLinear)}
+    assert sum(norms[0.3].values()) < sum(norms[0.0].values())
+    first = next(name for name in reports[0.0] if name.endswith("layers.0.self_attn.q_proj"))
+    assert reports[0.3][first].relative_error > reports[0.0][first].relative_error
+    with pytest.raises(ValueError, match=r"ridge=-1 is invalid"):
+        AASVD(ratio=0.5, ridge=-1)
+
+
 def test_failure_midway_restores_every_layer():
     class Failing(AASVD):
         def solve_layer(self, name, weight, rank, stats):
