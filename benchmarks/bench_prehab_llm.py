@@ -27,7 +27,9 @@ resumes where it stopped (delete the file to start over):
    on the base model at 0.2 with ``--diagnose-sizes`` calibration windows, on the calibration data and on new text
    (WikiText-2 test, PTB test), and each factorized weight's norm against the original's.
 
-7. ``ridge`` (not run by default): the solvers' ``ridge`` (Tikhonov term toward the original weights) for AA-SVD
+7. ``tails`` (not run by default): for the saved draw-0 compressions of the base model, the LM head input's error
+   and quantiles of the per-token NLL increase over the dense model (``--diagnose-windows`` test windows).
+8. ``ridge`` (not run by default): the solvers' ``ridge`` (Tikhonov term toward the original weights) for AA-SVD
    and SAES-SVD (``--ridge-methods``) on the base model at 0.2: ``--ridges`` scored on the held-out valid windows
    (draw 0), the best on the test splits over ``--draws`` draws and with ``--ridge-sizes`` calibration windows.
 
@@ -384,6 +386,30 @@ class Benchmark:
                                "ptb": self.ppl(model, self.ptb), "layers": rows})
                 del model
 
+    def tails(self) -> None:
+        """Where the loss goes, for every saved draw-0 compression of the base model: the relative error of the LM
+        head's input (the last hidden state) against the dense model's, token-weighted and its per-token median,
+        and quantiles of the per-token NLL increase, on ``--diagnose-windows`` test windows of each corpus."""
+        from prehab.lowrank import load_compressed
+
+        windows = self.args.diagnose_windows
+        corpora = {"wikitext2": self.test[:windows], "ptb": self.ptb[:windows]}
+        saved = sorted({(r["method"], r["ratio"]) for r in self.rows.select(model="base")
+                        if r["stage"] == "table" and r["draw"] == 0})
+        todo = [(m, ratio) for m, ratio in saved if f"tails|base|{m}|{ratio:g}|0" not in self.rows
+                and (self.out / "models" / "base" / f"{m}-{ratio:g}").is_dir()]
+        if not todo:
+            return
+        reference = {corpus: hidden_and_nll(self.load("base"), data) for corpus, data in corpora.items()}
+        for method, ratio in todo:
+            model = load_compressed(self.out / "models" / "base" / f"{method}-{ratio:g}")
+            row = {"key": f"tails|base|{method}|{ratio:g}|0", "stage": "tails", "model": "base", "method": method,
+                   "ratio": ratio, "draw": 0, "held_out_windows": windows}
+            for corpus, data in corpora.items():
+                hidden, nll = hidden_and_nll(model, data)
+                row[corpus] = tail_statistics(reference[corpus], (hidden, nll))
+            self.rows.add(row)
+
     def ridge(self) -> None:
         """The ``ridge`` argument of the two-stream solvers on the base model at 0.2: ``--ridges`` scored on held-out
         WikiText-2 valid (draw 0), the best one (lowest held-out perplexity) then on the test splits over
@@ -488,13 +514,59 @@ def write_report(out: Path) -> None:
     lines += ridge_lines(all_rows)
     diagnosed = [r for r in all_rows if r["stage"] == "diagnose"]
     lines += diagnose_lines(diagnosed)
+    lines += tails_lines([r for r in all_rows if r["stage"] == "tails"])
     (out / "results.md").write_text("\n".join(lines))
     (out / "results.json").write_text(json.dumps({"chosen": chosen, "rows": all_rows}, indent=2))
-    write_csv([{k: v for k, v in r.items() if k != "layers"} for r in all_rows], out / "rows.csv")
+    write_csv([{k: v for k, v in r.items() if k != "layers" and not isinstance(v, dict)} for r in all_rows],
+              out / "rows.csv")
     plot(all_rows, prehab, out / "prehab_vs_surgery.png")
     if diagnosed:
         plot_layer_errors(diagnosed, out / "layer_errors.png")
     print("\n".join(lines))
+
+
+def hidden_and_nll(model: torch.nn.Module, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last hidden state (the LM head's input) and each next-token NLL, one window at a time."""
+    hidden, nll = [], []
+    model.eval()
+    with torch.no_grad():
+        for window in windows.split(1):
+            out = model(window, output_hidden_states=True)
+            logp = torch.log_softmax(out.logits[:, :-1].float(), -1)
+            nll.append(-logp.gather(-1, window[:, 1:, None])[..., 0].double())
+            hidden.append(out.hidden_states[-1].double())
+    return torch.cat(hidden), torch.cat(nll)
+
+
+def tail_statistics(dense: tuple[torch.Tensor, torch.Tensor], compressed: tuple[torch.Tensor, torch.Tensor]
+                    ) -> dict[str, float]:
+    """Final-hidden-state error and quantiles of the per-token NLL increase (see :meth:`Benchmark.tails`)."""
+    error = (compressed[0] - dense[0]).pow(2).sum(-1)
+    signal = dense[0].pow(2).sum(-1)
+    increase = (compressed[1] - dense[1]).flatten()
+    quantiles = torch.quantile(increase, torch.tensor([0.5, 0.9, 0.99], dtype=increase.dtype)).tolist()
+    return {"hidden_error": float(error.sum() / signal.sum()), "hidden_error_median": float((error / signal).median()),
+            "nll_increase_mean": float(increase.mean()), "nll_increase_median": quantiles[0],
+            "nll_increase_p90": quantiles[1], "nll_increase_p99": quantiles[2]}
+
+
+def tails_lines(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["## Where the loss goes: the LM head's input and the per-token NLL increase over the dense model", "",
+             f"Base model, calibration draw 0 (the saved models), the first {rows[0]['held_out_windows']} test windows "
+             "of each corpus. hidden error: ‖h − ĥ‖² / ‖h‖² of the last hidden state, over all tokens (median of "
+             "the per-token ratio in brackets); ΔNLL: compressed minus dense next-token NLL, in nats.", "",
+             "| method | ratio | corpus | hidden error | ΔNLL mean | ΔNLL median | ΔNLL p90 | ΔNLL p99 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["ratio"], r["method"])):
+        for corpus in ("wikitext2", "ptb"):
+            t = r[corpus]
+            name = "WikiText-2" if corpus == "wikitext2" else "PTB"
+            quantiles = " | ".join(f"{t[f'nll_increase_{q}']:.3f}" for q in ("mean", "median", "p90", "p99"))
+            lines.append(f"| {r['method']} | {r['ratio']:g} | {name} | {t['hidden_error']:.3f} "
+                         f"({t['hidden_error_median']:.3f}) | {quantiles} |")
+    return lines + [""]
 
 
 def ridge_lines(rows: list[dict[str, Any]]) -> list[str]:
@@ -696,7 +768,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="folder with wikitext-2-raw, ptb, alpaca (default ../shared/data)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "prehab_llm"))
     parser.add_argument("--stages", nargs="+", default=["sweep", "table", "rehab"],
-                        choices=["sweep", "table", "rehab", "calibration", "zeroshot", "diagnose", "ridge"])
+                        choices=["sweep", "table", "rehab", "calibration", "zeroshot", "diagnose", "tails", "ridge"])
     parser.add_argument("--report", action="store_true", help="only write the tables/plots from OUT/rows.jsonl")
     parser.add_argument("--candidates", nargs="+",
                         default=["stable_rank:0.01", "tail:0.1:0.4", "tail:1:0.4", "tail:10:0.4"],
@@ -759,10 +831,12 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "settings.json").write_text(json.dumps({"args": vars(args), "settings": settings}, indent=2, default=str))
     bench = Benchmark(args, settings)
-    for stage in ("sweep", "table", "rehab", "calibration", "zeroshot", "diagnose", "ridge"):
+    for stage in ("sweep", "table", "rehab", "calibration", "zeroshot", "diagnose", "tails", "ridge"):
         if stage in args.stages:
-            {"sweep": bench.sweep, "table": bench.table, "rehab": bench.rehab, "calibration": bench.calibration_sizes,
-             "zeroshot": bench.zeroshot, "diagnose": bench.diagnose, "ridge": bench.ridge}[stage]()
+            run = {"sweep": bench.sweep, "table": bench.table, "rehab": bench.rehab,
+                   "calibration": bench.calibration_sizes, "zeroshot": bench.zeroshot, "diagnose": bench.diagnose,
+                   "tails": bench.tails, "ridge": bench.ridge}
+            run[stage]()
             write_report(out)
 
 

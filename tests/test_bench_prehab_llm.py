@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from tiny_text_assets import SHARED_DATA
 
 from prehab.evaluation import perplexity
@@ -42,6 +43,7 @@ def test_smoke_runs_every_stage_and_saved_models_reproduce_the_table(tmp_path, o
             "calibration",
             "zeroshot",
             "diagnose",
+            "tails",
             "ridge",
         ]
     )
@@ -122,6 +124,15 @@ def test_smoke_runs_every_stage_and_saved_models_reproduce_the_table(tmp_path, o
                   if r["stage"] == "ridge" and r["method"] == method + "+ridge"}
         assert tested == ({(0, 128, best), (1, 128, best)} if best else set())
     assert "Ridge (Tikhonov" in markdown
+    # tails: one row per saved draw-0 compression of the base model, quantiles in order
+    tails = {(r["method"], r["ratio"]): r for r in rows if r["stage"] == "tails"}
+    assert set(tails) == {(r["method"], r["ratio"]) for r in table if r["model"] == "base" and r["draw"] == 0}
+    for r in tails.values():
+        for corpus in ("wikitext2", "ptb"):
+            t = r[corpus]
+            assert t["hidden_error"] > 0 and t["nll_increase_median"] <= t["nll_increase_p90"] <= t["nll_increase_p99"]
+    assert "Where the loss goes" in markdown
+
     assert (out / "rows.csv").read_text().count("\n") == len({r["key"] for r in rows}) + 1
 
     # a second fine-tune seed: control and the chosen penalty are fine-tuned again, paired with each other
@@ -161,3 +172,14 @@ def test_bad_flags_are_refused_before_any_work(tmp_path, capsys, flags, message)
         load_script().main(["--smoke", "--out", str(tmp_path / "out"), *flags])
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_tail_statistics_of_a_model_against_itself_are_zero_and_scale_with_the_error():
+    bench = load_script()
+    hidden = torch.randn(2, 5, 4, dtype=torch.float64)
+    nll = torch.rand(2, 4, dtype=torch.float64)
+    same = bench.tail_statistics((hidden, nll), (hidden, nll))
+    assert all(value == 0.0 for value in same.values())
+    shifted = bench.tail_statistics((hidden, nll), (hidden * 1.1, nll + 0.5))
+    assert shifted["hidden_error"] == pytest.approx(0.01) and shifted["hidden_error_median"] == pytest.approx(0.01)
+    assert shifted["nll_increase_mean"] == pytest.approx(0.5) and shifted["nll_increase_p99"] == pytest.approx(0.5)
