@@ -167,7 +167,8 @@ class LowRankCompression(Callback):
             :func:`prehab.linalg.ridge_statistics`): keeps the original weights in input directions the calibration
             data barely reaches, where the exact closed form (``0``, the papers') may put huge coefficients. On
             SmolLM2 AA-SVD's exact solution reaches 186x the original weight norm in some layers
-            (benchmarks/RESULTS.md §7); try 1e-3 to 1e-1. The report's errors stay those on the real data.
+            (benchmarks/RESULTS.md §7); try 1e-3 to 1e-1. The report's errors stay those on the real data. Not for
+            plain ``SVD`` (no statistics; ``compare=`` runs it without the ridge).
         verbose: one log line per layer.
         compare: other methods (by name: ``"svd"``, ``"svd_llm"``, ``"aa_svd"``, ``"saes_svd"``) to run at the same
             ratios, for the report only; the model ends compressed by this one.
@@ -319,6 +320,11 @@ class LowRankCompression(Callback):
                 f"ridge={ridge!r} is invalid: use a number >= 0 (0: the exact closed form; e.g. 1e-2 to keep the "
                 "original weights where the calibration inputs have almost no variance)."
             )
+        if ridge and not type(self).requires_calibration:
+            raise ValueError(
+                f"ridge={ridge!r} has no effect on {type(self).__name__}, which solves without activation statistics: "
+                "use ridge=0, or an activation-aware method (SVDLLM, AASVD, SAESSVD)."
+            )
         self.ridge = float(ridge)
         self.verbose = _check_flag("verbose", verbose)
         self.evaluate = _check_flag("evaluate", evaluate)
@@ -461,7 +467,13 @@ class LowRankCompression(Callback):
         from prehab.callbacks import METHODS  # the subclasses live in the package that imports this file
 
         dataloader = self._reusable(dataloader)  # every run must see the same batches
-        runs = [(METHODS[name](**self.method_kwargs()), ratio) for name in self.compare for ratio in self.ratios]
+        def compared(name: str) -> LowRankCompression:  # the ridge only where the method has statistics to ridge
+            kwargs = self.method_kwargs()
+            if not METHODS[name].requires_calibration:
+                kwargs["ridge"] = 0.0
+            return METHODS[name](**kwargs)
+
+        runs = [(compared(name), ratio) for name in self.compare for ratio in self.ratios]
         runs += [(self, ratio) for ratio in self.ratios]
         dense = resolve_targets(model, self.targets, self.blocks)
         # The dense layers a run replaced wait off the model's device (host memory or a temporary file).

@@ -54,6 +54,7 @@ def test_bad_targets_and_blocks_fail_before_the_first_training_step(kwargs, matc
         (AASVD, {"ridge": -0.1}, r"ridge=-0.1 is invalid: use a number >= 0"),
         (AASVD, {"ridge": math.nan}, r"ridge=nan is invalid"),
         (SAESSVD, {"ridge": "0.01"}, r"ridge='0.01' is invalid"),
+        (SVD, {"ridge": 0.1}, r"ridge=0.1 has no effect on SVD.*use ridge=0, or an activation-aware method"),
         (SAESSVD, {"beta": "0.5"}, r"beta='0.5' is invalid: use a number in \[0, 1\]"),
         (SAESSVD, {"beta_cap": "x"}, r"beta_cap='x' is invalid"),
         (SVDLLM, {"targets": []}, r"targets=\[\] selects no layer"),

@@ -231,6 +231,10 @@ def test_ridge_shrinks_the_solution_and_reports_errors_on_the_real_data():
     assert reports[0.3][first].relative_error > reports[0.0][first].relative_error
     with pytest.raises(ValueError, match=r"ridge=-1 is invalid"):
         AASVD(ratio=0.5, ridge=-1)
+    # compare= runs plain SVD beside a ridged method without handing it the ridge
+    module = copy.deepcopy(base)
+    report = AASVD(ratio=0.5, ridge=0.3, compare=["svd"], evaluate=False).sweep(module, loader, progress=False)
+    assert {row.method for row in report.sweep} == {"svd", "aa_svd"}
 
 
 def test_failure_midway_restores_every_layer():
