@@ -356,35 +356,34 @@ class Benchmark:
 
         windows = self.args.diagnose_windows
         held_out = {"wikitext2": list(self.test[:windows].split(1)), "ptb": list(self.ptb[:windows].split(1))}
-        for samples in self.args.diagnose_sizes:
-            for method in self.args.diagnose_methods:
-                key = f"diagnose|base|{method}|0.2|0|{samples}"
-                if key in self.rows:
-                    continue
-                dense = self.load("base")
-                model = copy.deepcopy(dense)
-                loader = self.calibration(0, samples)
-                callback = METHODS[method](ratio=0.2, calibration_batches=len(loader), plots=False)
-                started = time.perf_counter()
-                report = callback.compress(model, loader, progress=False)
-                seconds = time.perf_counter() - started
-                layers = [layer for layer in report.layers if layer.compressed]
-                names = [layer.name for layer in layers]
-                errors = {corpus: layer_output_errors(dense, model, batches, names)
-                          for corpus, batches in held_out.items()}
-                rows = []
-                for layer in layers:
-                    weight = dense.get_submodule(layer.name).weight.detach().double()
-                    approx = model.get_submodule(layer.name).weight.detach().double()
-                    rows.append({"name": layer.name, "rank": layer.rank, "calibration": layer.relative_error,
-                                 "damping": layer.damping, "norm_ratio": float(approx.norm() / weight.norm()),
-                                 **{corpus: errors[corpus][layer.name] for corpus in held_out}})
-                self.rows.add({"key": key, "stage": "diagnose", "model": "base", "method": method, "ratio": 0.2,
-                               "draw": 0, "calibration_tokens": samples * self.seq_len,
-                               "params": report.totals()["model_params_after"], "seconds": seconds,
-                               "held_out_windows": windows, "wikitext2": self.ppl(model, self.test),
-                               "ptb": self.ppl(model, self.ptb), "layers": rows})
-                del model
+        todo = [(samples, method) for samples in self.args.diagnose_sizes for method in self.args.diagnose_methods
+                if f"diagnose|base|{method}|0.2|0|{samples}" not in self.rows]
+        dense = self.load("base") if todo else None
+        for samples, method in todo:
+            key = f"diagnose|base|{method}|0.2|0|{samples}"
+            model = copy.deepcopy(dense)
+            loader = self.calibration(0, samples)
+            callback = METHODS[method](ratio=0.2, calibration_batches=len(loader), plots=False)
+            started = time.perf_counter()
+            report = callback.compress(model, loader, progress=False)
+            seconds = time.perf_counter() - started
+            layers = [layer for layer in report.layers if layer.compressed]
+            names = [layer.name for layer in layers]
+            errors = {corpus: layer_output_errors(dense, model, batches, names)
+                      for corpus, batches in held_out.items()}
+            rows = []
+            for layer in layers:
+                weight = dense.get_submodule(layer.name).weight.detach().double()
+                approx = model.get_submodule(layer.name).weight.detach().double()
+                rows.append({"name": layer.name, "rank": layer.rank, "calibration": layer.relative_error,
+                             "damping": layer.damping, "norm_ratio": float(approx.norm() / weight.norm()),
+                             **{corpus: errors[corpus][layer.name] for corpus in held_out}})
+            self.rows.add({"key": key, "stage": "diagnose", "model": "base", "method": method, "ratio": 0.2,
+                           "draw": 0, "calibration_tokens": samples * self.seq_len,
+                           "params": report.totals()["model_params_after"], "seconds": seconds,
+                           "held_out_windows": windows, "wikitext2": self.ppl(model, self.test),
+                           "ptb": self.ppl(model, self.ptb), "layers": rows})
+            del model
 
     def tails(self) -> None:
         """Where the loss goes, for every saved draw-0 compression of the base model: the relative error of the LM
@@ -417,7 +416,7 @@ class Benchmark:
         for method in self.args.ridge_methods:
             for ridge in self.args.ridges:
                 self.surgery_rows("base", method, [0.2], 0, split="heldout", stage="ridge_sweep", ridge=ridge)
-            scores = {r["ridge"] if "ridge" in r else 0.0: r["heldout_valid"] for r in self.rows.rows.values()
+            scores = {r.get("ridge", 0.0): r["heldout_valid"] for r in self.rows.rows.values()
                       if r["stage"] == "ridge_sweep" and r["method"].split("+")[0] == method}
             best = min(scores, key=scores.get)
             if not best:
