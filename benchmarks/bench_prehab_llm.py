@@ -811,6 +811,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.finetune_seed < 0:
         parser.error(f"--finetune-seed {args.finetune_seed} is invalid: use 0 (the sweep's models) or a seed > 0.")
+    if not all(math.isfinite(r) and r >= 0 for r in args.ridges):
+        parser.error(f"--ridges {' '.join(map(str, args.ridges))} is invalid: use numbers >= 0 (0: the exact solve).")
+    for flag in ("diagnose_sizes", "ridge_sizes", "calibration_sizes"):
+        if any(n < 1 for n in getattr(args, flag)):
+            parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} is invalid: use window counts >= 1.")
+    if args.diagnose_windows < 1:
+        parser.error(f"--diagnose-windows {args.diagnose_windows} is invalid: use a window count >= 1.")
     out = Path(args.out)
     if args.report:
         write_report(out)

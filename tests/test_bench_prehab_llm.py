@@ -165,6 +165,10 @@ def test_smoke_runs_every_stage_and_saved_models_reproduce_the_table(tmp_path, o
     [
         (["--finetune-seed", "-1"], "--finetune-seed -1 is invalid: use 0"),
         (["--zeroshot-methods", "svd-llm"], "argument --zeroshot-methods: invalid choice: 'svd-llm'"),
+        (["--ridges", "0", "-0.1"], "--ridges 0.0 -0.1 is invalid: use numbers >= 0"),
+        (["--ridges", "nan"], "--ridges nan is invalid"),
+        (["--diagnose-sizes", "0"], "--diagnose-sizes [0] is invalid: use window counts >= 1"),
+        (["--diagnose-windows", "0"], "--diagnose-windows 0 is invalid"),
     ],
 )
 def test_bad_flags_are_refused_before_any_work(tmp_path, capsys, flags, message):
