@@ -20,6 +20,7 @@ CPU-sized run changes. Stages, each cached in ``OUT/rows.jsonl`` so an interrupt
    looked at to choose.
 3. ``table``: dev metrics of the fine-tuned model with SVD-LLM, AA-SVD and SAES-SVD, and of the paper's and the
    swept prehab model and the control with SVD-LLM, at ``--ratios``; the same calibration examples for all.
+   ``--ridges aa_svd:0.1`` adds rows of the fine-tuned model compressed with the callback's ``ridge``.
 4. ``rehab``: every table row again after LoRA rehab (the config's LoRARehab settings) on the task's training data.
 
 ``--report`` (also run after each stage) writes ``OUT/results.md`` (Table III's layout: tasks and their average, per
@@ -32,7 +33,9 @@ Compressed models are saved with ``save_compressed`` under ``OUT/models/<task>/<
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import statistics
 import sys
 import time
@@ -188,20 +191,25 @@ class Benchmark:
                        **self.metric_row(task, split, model, self.score(task, model, split))})
 
     def surgery_rows(self, task: str, name: str, method: str, ratios: list[float], draw: int, split: str,
-                     stage: str) -> None:
-        """Compress ``name`` with ``method`` at each ratio (one statistics pass shared by one-stream ratios)."""
-        keys = {r: f"{stage}|{task}|{name}|{method}|{r:g}|{draw}" for r in ratios}
+                     stage: str, ridge: float = 0.0) -> None:
+        """Compress ``name`` with ``method`` at each ratio (one statistics pass shared by one-stream ratios).
+
+        ``ridge`` > 0: the callback's ``ridge``, rows named ``{method}+ridge{ridge}``."""
+        label = f"{method}+ridge{ridge:g}" if ridge else method
+        keys = {r: f"{stage}|{task}|{name}|{label}|{r:g}|{draw}" for r in ratios}
         todo = [r for r in ratios if keys[r] not in self.rows]
         if not todo:
             return
         dense = self.load(task, name)
         loader = self.calibration(task, draw)
-        for ratio, model, totals, seconds in compress_at_ratios(dense, METHODS[method], todo, loader):
-            row = {"key": keys[ratio], "stage": stage, "model": name, "method": method, "ratio": ratio, "draw": draw,
+        callback = functools.partial(METHODS[method], ridge=ridge)  # 0: the papers' exact forms, as the rows say
+        for ratio, model, totals, seconds in compress_at_ratios(dense, callback, todo, loader):
+            row = {"key": keys[ratio], "stage": stage, "model": name, "method": label, "ratio": ratio, "draw": draw,
                    "mean_relative_error": totals["mean_relative_error"], "seconds": seconds,
+                   **({"ridge": ridge} if ridge else {}),
                    **self.metric_row(task, split, model, self.score(task, model, split))}
             if stage == "table" and draw == 0 and self.args.save == "draw0":
-                save_compressed(model, self.out / "models" / task / name / f"{method}-{ratio:g}",
+                save_compressed(model, self.out / "models" / task / name / f"{label}-{ratio:g}",
                                 metadata={"calibration_draw": draw, "task": task})
             self.rows.add(row)
 
@@ -216,7 +224,7 @@ class Benchmark:
         pl.seed_everything(0)
         module = PrehabModule(model=self.load(task, name), lam=0.0, task=task_kind(task)["task"])
         surgery = METHODS[method](ratio=ratio, calibration_batches=len(loader), calibration_dataloader=loader,
-                                  evaluate=False, plots=False, save_dense=False)
+                                  ridge=0.0, evaluate=False, plots=False, save_dense=False)
         rehab = LoRARehab(dataloader=self.train_loader(task, seed=1), evaluate=False, **rehab_args)
         trainer = pl.Trainer(accelerator="auto", max_steps=0, logger=False, enable_checkpointing=False,
                              enable_model_summary=False, enable_progress_bar=False, callbacks=[surgery, rehab])
@@ -292,6 +300,8 @@ class Benchmark:
                 for method in self.args.table_methods:
                     if method != "svd_llm":
                         self.surgery_rows(task, "finetuned", method, self.args.ratios, draw, "dev", "table")
+                for method, ridge in self.args.ridges:  # the fine-tuned model, beside the exact rows
+                    self.surgery_rows(task, "finetuned", method, self.args.ratios, draw, "dev", "table", ridge)
 
     def rehab(self) -> None:
         for task in self.args.tasks:
@@ -462,6 +472,19 @@ def smoke_setup(args: argparse.Namespace) -> dict[str, Any]:
     return settings
 
 
+def parse_ridge(parser: argparse.ArgumentParser, text: str) -> tuple[str, float]:
+    """``"aa_svd:0.1"`` -> ``("aa_svd", 0.1)``; anything else is refused by name before any work."""
+    method, _, value = text.partition(":")
+    try:
+        ridge = float(value)
+    except ValueError:
+        ridge = math.nan
+    if method not in METHODS or not (math.isfinite(ridge) and ridge > 0):
+        parser.error(f"--ridges {text!r} is invalid: use METHOD:RIDGE with METHOD one of {', '.join(METHODS)} and "
+                     "RIDGE a number > 0, e.g. aa_svd:0.1.")
+    return method, ridge
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "configs" / "minilm_glue_prehab.yaml"))
@@ -486,6 +509,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rehab-methods", nargs="+", default=["svd_llm", "aa_svd", "saes_svd"], choices=METHODS)
     parser.add_argument("--rehab-ratios", type=float, nargs="+", default=[0.2, 0.4, 0.6])
     parser.add_argument("--rehab-steps", type=int, help="LoRA steps per factor (default: the config's)")
+    parser.add_argument("--ridges", nargs="*", default=[], metavar="METHOD:RIDGE",
+                        help="extra table rows of the fine-tuned model with the callback's ridge, e.g. aa_svd:0.1 "
+                             "saes_svd:0.01 (rows named aa_svd+ridge0.1)")
     parser.add_argument("--draws", type=int, default=1, help="calibration draws in the table stage")
     parser.add_argument("--calibration-samples", type=int,
                         help="training examples per calibration draw (default: the config's data.calibration_samples)")
@@ -493,6 +519,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 is steadier on a shared machine)")
     parser.add_argument("--smoke", action="store_true", help="tiny random BERT, a few examples (for tests)")
     args = parser.parse_args(argv)
+    args.ridges = [parse_ridge(parser, text) for text in args.ridges]
     out = Path(args.out)
     if args.report:
         write_report(out)

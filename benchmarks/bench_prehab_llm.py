@@ -30,8 +30,9 @@ resumes where it stopped (delete the file to start over):
 7. ``tails`` (not run by default): for the saved draw-0 compressions of the base model, the LM head input's error
    and quantiles of the per-token NLL increase over the dense model (``--diagnose-windows`` test windows).
 8. ``ridge`` (not run by default): the solvers' ``ridge`` (Tikhonov term toward the original weights) for AA-SVD
-   and SAES-SVD (``--ridge-methods``) on the base model at 0.2: ``--ridges`` scored on the held-out valid windows
-   (draw 0), the best on the test splits over ``--draws`` draws and with ``--ridge-sizes`` calibration windows.
+   and SAES-SVD (``--ridge-methods``): ``--ridges`` scored on the held-out valid windows (base model at 0.2, draw
+   0), the best on the test splits for ``--ridge-models`` at ``--ridge-ratios`` over ``--draws`` draws, and with
+   ``--ridge-sizes`` calibration windows (base at 0.2, draw 0).
 
 ``--report`` (also run at the end) writes ``OUT/results.md``, ``OUT/results.json``, ``OUT/rows.csv`` and
 ``OUT/prehab_vs_surgery.png`` from whatever rows exist. Draw-0 compressed models are saved with
@@ -203,7 +204,7 @@ class Benchmark:
             return
         dense = self.load(name)
         loader = self.calibration(draw, samples)
-        callback = functools.partial(METHODS[method], ridge=ridge) if ridge else METHODS[method]
+        callback = functools.partial(METHODS[method], ridge=ridge)  # 0: the papers' exact forms, as the rows say
         for ratio, model, totals, seconds in compress_at_ratios(dense, callback, todo, loader):
             row = {"key": keys[ratio], "stage": stage, "model": name, "method": method + ("+ridge" if ridge else ""),
                    "ratio": ratio, "draw": draw, "calibration_tokens": samples * self.seq_len,
@@ -232,7 +233,7 @@ class Benchmark:
         loader = self.calibration(0)
         module = PrehabModule(model=self.load(name), lam=0.0)
         surgery = METHODS[method](ratio=ratio, calibration_batches=len(loader), calibration_dataloader=loader,
-                                  evaluate=False, plots=False, save_dense=False)
+                                  ridge=0.0, evaluate=False, plots=False, save_dense=False)
         rehab = LoRARehab(datamodule=alpaca, evaluate=False, **rehab_args)
         trainer = pl.Trainer(accelerator="auto", max_steps=0, logger=False, enable_checkpointing=False,
                              enable_model_summary=False, callbacks=[surgery, rehab])
@@ -363,7 +364,7 @@ class Benchmark:
             key = f"diagnose|base|{method}|0.2|0|{samples}"
             model = copy.deepcopy(dense)
             loader = self.calibration(0, samples)
-            callback = METHODS[method](ratio=0.2, calibration_batches=len(loader), plots=False)
+            callback = METHODS[method](ratio=0.2, calibration_batches=len(loader), plots=False, ridge=0.0)
             started = time.perf_counter()
             report = callback.compress(model, loader, progress=False)
             seconds = time.perf_counter() - started
@@ -410,19 +411,22 @@ class Benchmark:
             self.rows.add(row)
 
     def ridge(self) -> None:
-        """The ``ridge`` argument of the two-stream solvers on the base model at 0.2: ``--ridges`` scored on held-out
-        WikiText-2 valid (draw 0), the best one (lowest held-out perplexity) then on the test splits over
-        ``--draws`` draws and with each of ``--ridge-sizes`` calibration windows (draw 0)."""
+        """The ``ridge`` argument of the two-stream solvers, chosen on the base model at 0.2: ``--ridges`` scored on
+        held-out WikiText-2 valid (draw 0); the best one (lowest held-out perplexity) then on the test splits for
+        each of ``--ridge-models`` at ``--ridge-ratios`` over ``--draws`` draws, and on the base model at 0.2 with
+        each of ``--ridge-sizes`` calibration windows (draw 0)."""
+        names = self.seed_models() if set(self.args.ridge_models) - {"base"} else {"base": "base"}
         for method in self.args.ridge_methods:
             for ridge in self.args.ridges:
                 self.surgery_rows("base", method, [0.2], 0, split="heldout", stage="ridge_sweep", ridge=ridge)
             scores = {r.get("ridge", 0.0): r["heldout_valid"] for r in self.rows.rows.values()
-                      if r["stage"] == "ridge_sweep" and r["method"].split("+")[0] == method}
+                      if r["stage"] == "ridge_sweep" and base_method(r) == method}
             best = min(scores, key=scores.get)
             if not best:
                 continue  # the exact closed form won: its test rows are the main table's
             for draw in range(self.args.draws):
-                self.surgery_rows("base", method, [0.2], draw, stage="ridge", ridge=best)
+                for label in self.args.ridge_models:
+                    self.surgery_rows(names[label], method, self.args.ridge_ratios, draw, stage="ridge", ridge=best)
             for samples in self.args.ridge_sizes:
                 self.surgery_rows("base", method, [0.2], 0, samples=samples, stage="ridge", ridge=best)
 
@@ -568,32 +572,42 @@ def tails_lines(rows: list[dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
+def base_method(row: dict[str, Any]) -> str:
+    """The surgery a row ran, without the ``+ridge`` / ``+rehab`` suffix."""
+    return row["method"].split("+")[0]
+
+
 def ridge_lines(rows: list[dict[str, Any]]) -> list[str]:
     """The ridge stage: the held-out sweep, then the chosen ridge against the exact closed form on the test splits
-    (the exact rows: the main table's and the calibration-size stage's, base model at 0.2, same draws)."""
+    (the exact rows: the main table's and the calibration-size stage's, same model, ratio and draws)."""
     sweep = [r for r in rows if r["stage"] == "ridge_sweep"]
     if not sweep:
         return []
-    lines = ["## Ridge (Tikhonov term toward W) for the two-stream solvers (base model, ratio 0.2)", "",
-             "Held-out WikiText-2 valid perplexity, calibration draw 0 (chooses the ridge; no test split is used):",
-             "", "| method | ridge | held-out valid | mean relative error (calibration data) |", "|---|---|---|---|"]
-    for r in sorted(sweep, key=lambda r: (r["method"].split("+")[0], r.get("ridge", 0.0))):
-        lines.append(f"| {r['method'].split('+')[0]} | {r.get('ridge', 0.0):g} | {r['heldout_valid']:.2f} | "
+    lines = ["## Ridge (Tikhonov term toward W) for the two-stream solvers", "",
+             "Held-out WikiText-2 valid perplexity, base model at 0.2, calibration draw 0 (chooses the ridge; no test "
+             "split is used):", "",
+             "| method | ridge | held-out valid | mean relative error (calibration data) |", "|---|---|---|---|"]
+    for r in sorted(sweep, key=lambda r: (base_method(r), r.get("ridge", 0.0))):
+        lines.append(f"| {base_method(r)} | {r.get('ridge', 0.0):g} | {r['heldout_valid']:.2f} | "
                      f"{r['mean_relative_error']:.4f} |")
     tested = [r for r in rows if r["stage"] == "ridge"]
     if tested:
-        methods = {r["method"].split("+")[0] for r in tested}
-        exact = [r for r in rows if r["stage"] in ("table", "calibration") and r["model"] == "base"
-                 and r["ratio"] == 0.2 and r["method"] in methods]
-        lines += ["", "Test splits: the chosen ridge against the exact closed form (mean ± half-range over draws):", "",
-                  "| method | ridge | calibration tokens | WikiText-2 | PTB |", "|---|---|---|---|---|"]
+        # the exact rows of the same (model, method, ratio, calibration tokens, draw): paired by draw
+        paired = {(r["model"], base_method(r), r["ratio"], r["calibration_tokens"], r["draw"]) for r in tested}
+        exact = [r for r in rows if r["stage"] in ("table", "calibration")
+                 and (r["model"], r["method"], r["ratio"], r.get("calibration_tokens"), r["draw"]) in paired]
+        lines += ["", "Test splits: the chosen ridge against the exact closed form (mean ± half-range over the same "
+                  "draws; no exact row: not run for that model):", "",
+                  "| model | method | ratio | ridge | calibration tokens | WikiText-2 | PTB |",
+                  "|---|---|---|---|---|---|---|"]
         groups: dict[tuple, list[dict[str, Any]]] = {}
-        paired = {(r["method"].split("+")[0], r["calibration_tokens"], r["draw"]) for r in tested}  # same draws
-        for r in tested + [r for r in exact if (r["method"], r["calibration_tokens"], r["draw"]) in paired]:
-            groups.setdefault((r["method"].split("+")[0], r["calibration_tokens"], r.get("ridge", 0.0)), []).append(r)
-        for (method, tokens, ridge), group in sorted(groups.items()):
-            lines.append(f"| {method} | {ridge:g} | {tokens} | {spread([g['wikitext2'] for g in group])} | "
-                         f"{spread([g['ptb'] for g in group])} |")
+        for r in tested + exact:
+            key = (MODEL_ORDER.index(r["model"]) if r["model"] in MODEL_ORDER else len(MODEL_ORDER), r["model"],
+                   base_method(r), r["ratio"], r["calibration_tokens"], r.get("ridge", 0.0))
+            groups.setdefault(key, []).append(r)
+        for (_, model, method, ratio, tokens, ridge), group in sorted(groups.items()):
+            lines.append(f"| {model} | {method} | {ratio:g} | {ridge:g} | {tokens} | "
+                         f"{spread([g['wikitext2'] for g in group])} | {spread([g['ptb'] for g in group])} |")
     return lines + [""]
 
 
@@ -659,8 +673,10 @@ def paired_lines(rows: list[dict[str, Any]], prehab: str | None) -> list[str]:
     the draws move every model alike, so the per-draw ratio is what tells the penalty's effect apart. One line
     per fine-tune seed (prehab and control fine-tuned with the same seed), and with several seeds a line ``all``
     pooling every (seed, draw) pair."""
+    tokens = {r["calibration_tokens"] for r in rows if r["stage"] == "table"}  # ridge rows of the table's size
     table = [dict(r, method=r["method"] + ("+rehab" if r["stage"] == "rehab" else ""))
-             for r in rows if r["stage"] in ("table", "rehab")]
+             for r in rows if r["stage"] in ("table", "rehab")
+             or (r["stage"] == "ridge" and r["calibration_tokens"] in tokens)]
     by_key = {(r["model"], r["method"], r["ratio"], r["draw"]): r for r in table}
     header = ["## Paired: prehab / control and prehab / surgery alone, same calibration draw", "",
               "Below 1: prehab is better. mean [min, max] over the draws both rows have (`all`: over every fine-tune "
@@ -679,7 +695,7 @@ def paired_lines(rows: list[dict[str, Any]], prehab: str | None) -> list[str]:
 
     def line(method: str, ratio: float, seed: Any, cells: list[list[float]]) -> str:
         text = [f"{statistics.fmean(q):.3f} [{min(q):.3f}, {max(q):.3f}]" if q else "-" for q in cells]
-        return f"| {method} | {ratio:g} | {seed} | {min(len(q) for q in cells)} | " + " | ".join(text) + " |"
+        return f"| {method} | {ratio:g} | {seed} | {max(len(q) for q in cells)} | " + " | ".join(text) + " |"
 
     for method, ratio in sorted({(r["method"], r["ratio"]) for r in table if r["model"] == prehab}):
         pooled: list[list[float]] = [[] for _ in columns]
@@ -791,6 +807,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ridges", type=float, nargs="+", default=[0.0, 1e-3, 1e-2, 1e-1],
                         help="ridge values of the ridge stage's sweep (0: the exact closed form)")
     parser.add_argument("--ridge-methods", nargs="+", default=["aa_svd", "saes_svd"], choices=METHODS)
+    parser.add_argument("--ridge-models", nargs="+", default=["base"], choices=MODEL_ORDER,
+                        help="models of the ridge stage's test rows (the ridge is chosen on base at 0.2)")
+    parser.add_argument("--ridge-ratios", type=float, nargs="+", default=[0.2],
+                        help="ratios of the ridge stage's test rows")
     parser.add_argument("--ridge-sizes", type=int, nargs="*", default=[128],
                         help="calibration windows of the ridge stage's extra test rows (draw 0)")
     parser.add_argument("--diagnose-sizes", type=int, nargs="+", default=[32, 128],

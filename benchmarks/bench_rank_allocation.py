@@ -240,7 +240,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     if args.report_only:
                         continue
                     loader = loader if loader is not None else calibration(draw)
-                    options = dict(ratio=ratio, calibration_batches=len(loader), plots=False, evaluate=False)
+                    # ridge=0: the papers' exact closed forms, as in RESULTS §8 (the callbacks default to a ridge)
+                    options = dict(ratio=ratio, calibration_batches=len(loader), plots=False, evaluate=False,
+                                   ridge=0.0)
                     if allocation == "global":
                         options.update(
                             rank_allocation="global",

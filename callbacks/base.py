@@ -165,11 +165,14 @@ class LowRankCompression(Callback):
         damping: first relative damping (x trace/n) tried when a covariance is not positive definite.
         ridge: ``ε`` of a Tikhonov term ``ε · trace/n · ‖W − W'‖²`` added to every layer's objective (see
             :func:`prehab.linalg.ridge_statistics`): keeps the original weights in input directions the calibration
-            data barely reaches, where the exact closed form (``0``, the papers') may put huge coefficients. On
-            SmolLM2 AA-SVD's exact solution reaches 220x the original weight norm in some layers, and
-            ``ridge=0.1`` halves its PTB perplexity at 20% (benchmarks/RESULTS.md §7); try 1e-3 to 1e-1. The
-            report's errors stay those on the real data. Not for plain ``SVD`` (no statistics; ``compare=`` runs
-            it without the ridge).
+            data barely reaches, where the exact closed form (``0``, the papers') may put huge coefficients.
+            ``None`` (default): the method's own default (benchmarks/RESULTS.md §7, §10): ``0.1`` for AA-SVD,
+            whose exact solution reaches 220x the original weight norm in some SmolLM2 layers (the ridge halves
+            its PTB perplexity at 20% and 40% removed and stops its collapse on MiniLM with few calibration
+            tokens; with ample calibration data it can cost ~1-2% at 60-90%), ``0`` (the papers' exact closed
+            forms) for the others; SAES-SVD gains a little from ``0.01`` at 20%. The report's errors stay those
+            on the real data. Not for plain ``SVD`` (no statistics). ``compare=`` methods get the same ``ridge``
+            when it is set, else their own defaults.
         verbose: one log line per layer.
         compare: other methods (by name: ``"svd"``, ``"svd_llm"``, ``"aa_svd"``, ``"saes_svd"``) to run at the same
             ratios, for the report only; the model ends compressed by this one.
@@ -210,6 +213,7 @@ class LowRankCompression(Callback):
 
     method: ClassVar[str] = "lowrank"
     requires_calibration: ClassVar[bool] = True
+    default_ridge: ClassVar[float] = 0.0  # ``ridge=None``: the method's measured default (AA-SVD, SAES-SVD)
     two_stream: bool = False  # True: block-sequential original + shifted streams (prehab.pipeline)
 
     def __init__(
@@ -222,7 +226,7 @@ class LowRankCompression(Callback):
         save_dir: str | None = None,
         blocks: str | None = None,
         damping: float = 1e-6,
-        ridge: float = 0.0,
+        ridge: float | None = None,
         verbose: bool = False,
         compare: list[str] | None = None,
         evaluate: bool = True,
@@ -316,17 +320,19 @@ class LowRankCompression(Callback):
         self.allocation_weighting = allocation_weighting
         self.refine_steps, self.refine_lr = refine_steps, float(refine_lr)
         self.damping = _check_damping(damping)
-        if not (is_real(ridge) and 0.0 <= ridge < float("inf")):
+        if ridge is not None and not (is_real(ridge) and 0.0 <= ridge < float("inf")):
             raise ValueError(
                 f"ridge={ridge!r} is invalid: use a number >= 0 (0: the exact closed form; e.g. 1e-2 to keep the "
-                "original weights where the calibration inputs have almost no variance)."
+                "original weights where the calibration inputs have almost no variance) or None (the method's "
+                "default)."
             )
         if ridge and not type(self).requires_calibration:
             raise ValueError(
                 f"ridge={ridge!r} has no effect on {type(self).__name__}, which solves without activation statistics: "
                 "use ridge=0, or an activation-aware method (SVDLLM, AASVD, SAESSVD)."
             )
-        self.ridge = float(ridge)
+        self.ridge_arg = ridge  # as given: what compare= methods inherit (None: each method's own default)
+        self.ridge = float(type(self).default_ridge if ridge is None else ridge)
         self.verbose = _check_flag("verbose", verbose)
         self.evaluate = _check_flag("evaluate", evaluate)
         self.save_dense = _check_flag("save_dense", save_dense)
@@ -360,7 +366,7 @@ class LowRankCompression(Callback):
             "calibration_batches": self.calibration_batches,
             "blocks": self.blocks,
             "damping": self.damping,
-            "ridge": self.ridge,
+            "ridge": self.ridge_arg,
             "rank_allocation": self.rank_allocation,
             "min_kept_fraction": self.min_kept_fraction,
             "allocation_weighting": self.allocation_weighting,
@@ -471,7 +477,7 @@ class LowRankCompression(Callback):
         def compared(name: str) -> LowRankCompression:  # the ridge only where the method has statistics to ridge
             kwargs = self.method_kwargs()
             if not METHODS[name].requires_calibration:
-                kwargs["ridge"] = 0.0
+                kwargs["ridge"] = None
             return METHODS[name](**kwargs)
 
         runs = [(compared(name), ratio) for name in self.compare for ratio in self.ratios]
@@ -559,12 +565,16 @@ class LowRankCompression(Callback):
             tick = time.perf_counter()
             if stats is not None:
                 self._check_statistics(names, stats)
+            # once per group, not per layer: q/k/v share one statistic (an n x n copy each at 7B shapes)
+            solver_stats = ridge_statistics(stats, self.ridge) if stats is not None else None
             replacements = {}
             for name in names:
                 inputs = dense_weight(targets[name]).shape[1]
                 if stats is not None and 0 < samples < inputs:
                     short_of_rows[name] = inputs  # read now: swapped-out layers may be offloaded later
-                layer_report, replacement = self._solve_one(name, targets[name], plan[name], stats, samples)
+                layer_report, replacement = self._solve_one(
+                    name, targets[name], plan[name], stats, samples, solver_stats
+                )
                 reports[name] = layer_report
                 if replacement is not None:
                     replacements[name] = replacement
@@ -756,8 +766,12 @@ class LowRankCompression(Callback):
         planned: tuple[int | None, str],
         stats: dict[str, Tensor] | None,
         samples: int,
+        solver_stats: dict[str, Tensor] | None = None,
     ) -> tuple[LayerReport, nn.Module | None]:
-        """One layer's report line and replacement (None: stays dense). ``stats`` None: it saw no input."""
+        """One layer's report line and replacement (None: stays dense). ``stats`` None: it saw no input.
+
+        ``solver_stats``: what the solver reads (``stats`` with the ridge added); the report's error uses ``stats``.
+        """
         weight = dense_weight(module).detach()
         out_features, in_features = weight.shape
         layer_rank, note = planned
@@ -774,7 +788,8 @@ class LowRankCompression(Callback):
                 )
             return LayerReport(name, out_features, in_features, None, dense_params, dense_params, None, note=note), None
         stats = stats or {}
-        factors = self.solve_layer(name, weight, layer_rank, ridge_statistics(stats, self.ridge))
+        solver_stats = solver_stats if solver_stats is not None else ridge_statistics(stats, self.ridge)
+        factors = self.solve_layer(name, weight, layer_rank, solver_stats)
         if not (torch.isfinite(factors.up).all() and torch.isfinite(factors.down).all()):
             raise FloatingPointError(f"{self.method} produced non-finite factors for layer {name!r}.")
         error = self._relative_error(weight, factors.up @ factors.down, stats)

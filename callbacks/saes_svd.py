@@ -29,7 +29,10 @@ class SAESSVD(LowRankCompression):
         objective: ACES objective: ``"ratio"`` (tail / total energy) or ``"energy"`` (tail energy).
         beta_cap: guardrail: ACES never returns more than this (< 1 prevents over-alignment).
         beta_shrink: guardrail: ACES's β is multiplied by this factor in (0, 1].
-        **kwargs: :class:`~prehab.callbacks.LowRankCompression`'s arguments (``ratio``, ``targets``, ...).
+        **kwargs: :class:`~prehab.callbacks.LowRankCompression`'s arguments (``ratio``, ``targets``, ...). Its
+            ``ridge`` defaults to 0, the paper's exact form: ``ridge=0.01`` (the best on held-out WikiText-2 valid
+            for SmolLM2-135M) gains 2-4% / 5-12% (WikiText-2 / PTB) at 20% removed but nothing reliable at 40%
+            (benchmarks/RESULTS.md §7).
     """
 
     method = "saes_svd"

@@ -28,7 +28,8 @@ def load_script():
 def test_smoke_runs_every_stage_and_saved_models_reproduce_the_table(tmp_path, one_thread):
     bench = load_script()
     out = tmp_path / "out"
-    bench.main(["--smoke", "--out", str(out), "--data", str(SHARED_DATA)])
+    flags = ["--smoke", "--out", str(out), "--data", str(SHARED_DATA), "--ridges", "aa_svd:0.1"]
+    bench.main(flags)
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in rows} == {"heldout", "sweep", "table", "rehab"}
     assert {r["task"] for r in rows} == {"rte", "stsb"}
@@ -47,6 +48,14 @@ def test_smoke_runs_every_stage_and_saved_models_reproduce_the_table(tmp_path, o
         for ratio in (0.2, 0.6):
             params = {r["params"] for r in table if r["task"] == task and r["ratio"] == ratio}
             assert len(params) == 1 and params.pop() < min(dense)
+        # --ridges: AA-SVD again with ridge 0.1 beside the exact rows; the exact solve minimizes the anchored
+        # error on the calibration data, so the ridged one's is at least as large
+        exact = {r["ratio"]: r for r in table if (r["task"], r["method"]) == (task, "aa_svd")}
+        ridged = {r["ratio"]: r for r in table if (r["task"], r["method"]) == (task, "aa_svd+ridge0.1")}
+        assert set(ridged) == set(exact) == {0.2, 0.6} and all(r["ridge"] == 0.1 for r in ridged.values())
+        for ratio, r in ridged.items():
+            assert r["mean_relative_error"] >= exact[ratio]["mean_relative_error"] * (1 - 1e-6)
+            assert r["params"] == exact[ratio]["params"]
     rehab = {(r["task"], r["model"], r["method"]) for r in rows if r["stage"] == "rehab"}
     assert ("rte", "finetuned", "saes_svd") in rehab and ("stsb", "control", "svd_llm") in rehab
 
@@ -76,5 +85,14 @@ def test_smoke_runs_every_stage_and_saved_models_reproduce_the_table(tmp_path, o
 
     # resumable: a second run finds every row and adds none
     before = (out / "rows.jsonl").read_text()
-    bench.main(["--smoke", "--out", str(out), "--data", str(SHARED_DATA)])
+    bench.main(flags)
     assert (out / "rows.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize("value", ["svd:0.1", "aa_svd", "aa_svd:-1", "aa_svd:nan", "aa_svd:0"])
+def test_bad_ridges_are_refused_by_name_before_any_work(tmp_path, value, capsys):
+    bench = load_script()
+    with pytest.raises(SystemExit):
+        bench.main(["--smoke", "--out", str(tmp_path / "out"), "--ridges", value])
+    assert f"--ridges {value!r} is invalid: use METHOD:RIDGE" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

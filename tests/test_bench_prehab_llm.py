@@ -45,6 +45,12 @@ def test_smoke_runs_every_stage_and_saved_models_reproduce_the_table(tmp_path, o
             "diagnose",
             "tails",
             "ridge",
+            "--ridge-models",
+            "base",
+            "prehab",
+            "--ridge-ratios",
+            "0.2",
+            "0.4",
         ]
     )
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
@@ -120,9 +126,16 @@ def test_smoke_runs_every_stage_and_saved_models_reproduce_the_table(tmp_path, o
     for method in ("aa_svd", "saes_svd"):
         scores = {r.get("ridge", 0.0): r["heldout_valid"] for r in sweep if r["method"].startswith(method)}
         best = min(scores, key=scores.get)
-        tested = {(r["draw"], r["calibration_tokens"], r["ridge"]) for r in rows
+        tested = {(r["model"], r["ratio"], r["draw"], r["calibration_tokens"], r["ridge"]) for r in rows
                   if r["stage"] == "ridge" and r["method"] == method + "+ridge"}
-        assert tested == ({(0, 128, best), (1, 128, best)} if best else set())
+        expected = {(m, ratio, d, 128, best) for m in ("base", chosen) for ratio in (0.2, 0.4) for d in (0, 1)}
+        assert tested == (expected if best else set())
+        if best:  # the ridge rows join the paired table: prehab / surgery alone, both with the chosen ridge
+            ridged = {(r["model"], r["draw"]): r["ptb"] for r in rows
+                      if r["stage"] == "ridge" and r["method"] == method + "+ridge" and r["ratio"] == 0.4}
+            quotients = [ridged[(chosen, d)] / ridged[("base", d)] for d in (0, 1)]
+            line = next(x for x in markdown.splitlines() if x.startswith(f"| {method}+ridge | 0.4 | 0 | 2 |"))
+            assert line.split(" | ")[7].startswith(f"{sum(quotients) / 2:.3f} [{min(quotients):.3f}")
     assert "Ridge (Tikhonov" in markdown
     # tails: one row per saved draw-0 compression of the base model, quantiles in order
     tails = {(r["method"], r["ratio"]): r for r in rows if r["stage"] == "tails"}

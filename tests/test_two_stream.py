@@ -122,10 +122,11 @@ def test_saes_bad_arguments(kwargs, match):
 
 # ------------------------------------------------------------------------------ pipeline vs slow reference
 class Recording(AASVD):
-    """AA-SVD that records the statistics each layer was solved from, in processing order."""
+    """AA-SVD that records the statistics each layer was solved from, in processing order (no ridge: the raw
+    pipeline statistics)."""
 
     def __init__(self, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(**{"ridge": 0.0, **kwargs})
         self.seen = []
 
     def solve_layer(self, name, weight, rank, stats):
@@ -235,6 +236,33 @@ def test_ridge_shrinks_the_solution_and_reports_errors_on_the_real_data():
     module = copy.deepcopy(base)
     report = AASVD(ratio=0.5, ridge=0.3, compare=["svd"], evaluate=False).sweep(module, loader, progress=False)
     assert {row.method for row in report.sweep} == {"svd", "aa_svd"}
+
+
+def test_ridge_defaults_per_method_and_compare_inherits_only_an_explicit_ridge():
+    """ridge=None is each method's measured default (AA-SVD 0.1, the others 0); 0 is the papers' exact form.
+    compare= methods run with their own default unless the ridge was set explicitly."""
+    from prehab.callbacks import SVD
+
+    assert (AASVD().ridge, SAESSVD().ridge, SVDLLM().ridge, SVD().ridge) == (0.1, 0.0, 0.0, 0.0)
+    assert AASVD(ridge=0).ridge == 0.0 and SAESSVD(ridge=0.3).ridge == 0.3
+    torch.manual_seed(0)
+    base = TinyModule("llama")
+    loader = loader_for("llama", n=16, batch_size=8)
+
+    def error(callback) -> float:
+        return callback.compress(copy.deepcopy(base), loader, progress=False).totals()["mean_relative_error"]
+
+    default, exact = error(AASVD(ratio=0.5)), error(AASVD(ratio=0.5, ridge=0.0))
+    assert default > exact  # the exact form is the in-sample optimum of the anchored objective
+
+    def compared(**kwargs) -> float:
+        report = SVDLLM(ratio=0.5, compare=["aa_svd", "svd"], evaluate=False, **kwargs).sweep(
+            copy.deepcopy(base), loader, progress=False
+        )
+        return next(row.mean_relative_error for row in report.sweep if row.method == "aa_svd")
+
+    assert compared() == pytest.approx(default, rel=1e-9)  # SVD-LLM's ridge is its default: AA-SVD keeps its own
+    assert compared(ridge=0.0) == pytest.approx(exact, rel=1e-9)  # an explicit ridge is shared
 
 
 def test_failure_midway_restores_every_layer():
