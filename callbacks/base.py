@@ -213,7 +213,7 @@ class LowRankCompression(Callback):
 
     method: ClassVar[str] = "lowrank"
     requires_calibration: ClassVar[bool] = True
-    default_ridge: ClassVar[float] = 0.0  # ``ridge=None``: the method's measured default (AA-SVD, SAES-SVD)
+    default_ridge: ClassVar[float] = 0.0  # what ``ridge=None`` means for the method (AA-SVD: 0.1, measured)
     two_stream: bool = False  # True: block-sequential original + shifted streams (prehab.pipeline)
 
     def __init__(
