@@ -182,6 +182,9 @@ def test_smoke_runs_every_stage_and_saved_models_reproduce_the_table(tmp_path, o
         (["--ridges", "nan"], "--ridges nan is invalid"),
         (["--diagnose-sizes", "0"], "--diagnose-sizes [0] is invalid: use window counts >= 1"),
         (["--diagnose-windows", "0"], "--diagnose-windows 0 is invalid"),
+        (["--ridge-ratios", "0.2", "40"], "--ridge-ratios [0.2, 40.0] is invalid: use fractions"),
+        (["--ratios", "0"], "--ratios [0.0] is invalid: use fractions"),
+        (["--ridge-models", "prehab-seed1"], "argument --ridge-models: invalid choice: 'prehab-seed1'"),
     ],
 )
 def test_bad_flags_are_refused_before_any_work(tmp_path, capsys, flags, message):
