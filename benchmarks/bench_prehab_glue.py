@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import statistics
 import sys
 import time
@@ -56,6 +55,7 @@ from common import (  # noqa: E402  (benchmarks/ is not a package)
     default_asset,
     default_data,
     parse_candidate,
+    parse_ridge,
     pyplot,
     spread,
     write_csv,
@@ -472,19 +472,6 @@ def smoke_setup(args: argparse.Namespace) -> dict[str, Any]:
     return settings
 
 
-def parse_ridge(parser: argparse.ArgumentParser, text: str) -> tuple[str, float]:
-    """``"aa_svd:0.1"`` -> ``("aa_svd", 0.1)``; anything else is refused by name before any work."""
-    method, _, value = text.partition(":")
-    try:
-        ridge = float(value)
-    except ValueError:
-        ridge = math.nan
-    if method not in METHODS or not (math.isfinite(ridge) and ridge > 0):
-        parser.error(f"--ridges {text!r} is invalid: use METHOD:RIDGE with METHOD one of {', '.join(METHODS)} and "
-                     "RIDGE a number > 0, e.g. aa_svd:0.1.")
-    return method, ridge
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "configs" / "minilm_glue_prehab.yaml"))
@@ -519,7 +506,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 is steadier on a shared machine)")
     parser.add_argument("--smoke", action="store_true", help="tiny random BERT, a few examples (for tests)")
     args = parser.parse_args(argv)
-    args.ridges = [parse_ridge(parser, text) for text in args.ridges]
+    args.ridges = [parse_ridge(parser, "--ridges", text, METHODS) for text in args.ridges]
     out = Path(args.out)
     if args.report:
         write_report(out)

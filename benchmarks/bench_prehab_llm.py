@@ -17,7 +17,8 @@ resumes where it stopped (delete the file to start over):
 2. ``table``: models base (the pretrained model, no fine-tune), prehab, control; methods SVD-LLM (every ratio),
    SAES-SVD and AA-SVD (``--two-stream-ratios``; AA-SVD on base only unless ``--aa-all``); ``--draws`` calibration
    draws (the same windows for every model and method), WikiText-2 test and PTB test perplexity.
-3. ``rehab``: LoRA rehab on Alpaca (the config's LoRARehab settings) after SVD-LLM and SAES-SVD at
+3. ``rehab``: LoRA rehab on Alpaca (the config's LoRARehab settings) after SVD-LLM and SAES-SVD
+   (``--rehab-methods``; ``--rehab-ridges aa_svd:0.1`` for a surgery with the callback's ridge) at
    ``--rehab-ratios``, calibration draw 0, for every model.
 4. ``calibration``: SVD-LLM, AA-SVD and SAES-SVD (``--calibration-methods``) at 0.2 on the base model with
    ``--calibration-sizes`` windows, ``--draws`` calibration draws each.
@@ -59,7 +60,15 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (benchmarks/ is not a package; the pieces shared with the GLUE and ViT benchmarks)
-from common import Rows, candidate_name, compress_at_ratios, parse_candidate, pyplot, write_csv  # noqa: E402
+from common import (  # noqa: E402
+    Rows,
+    candidate_name,
+    compress_at_ratios,
+    parse_candidate,
+    parse_ridge,
+    pyplot,
+    write_csv,
+)
 
 from prehab.callbacks import AASVD, SAESSVD, SVDLLM, LoRARehab  # noqa: E402
 from prehab.datamodules import PTB, Alpaca, WikiText  # noqa: E402
@@ -220,10 +229,13 @@ class Benchmark:
                                 metadata={"calibration_draw": draw, "calibration_tokens": samples * self.seq_len})
             self.rows.add(row)
 
-    def rehab_row(self, name: str, method: str, ratio: float) -> None:
-        key = f"rehab|{name}|{method}|{ratio:g}|0"
+    def rehab_row(self, name: str, method: str, ratio: float, ridge: float = 0.0) -> None:
+        """Surgery (draw 0) then LoRA rehab; ``ridge`` > 0: the callback's ``ridge`` (rows named ``{method}+ridge``,
+        saved as ``{method}+ridge-{ratio}-rehab``)."""
+        key = f"rehab|{name}|{method}|{ratio:g}|0" + (f"|ridge{ridge:g}" if ridge else "")
         if key in self.rows:
             return
+        label = method + ("+ridge" if ridge else "")
         rehab_args = dict(self.settings["rehab"])
         alpaca_args = dict(rehab_args.pop("datamodule")["init_args"])
         alpaca_args["dataset"] = str(Path(self.args.data) / "alpaca" / Path(alpaca_args["dataset"]).name)
@@ -233,7 +245,7 @@ class Benchmark:
         loader = self.calibration(0)
         module = PrehabModule(model=self.load(name), lam=0.0)
         surgery = METHODS[method](ratio=ratio, calibration_batches=len(loader), calibration_dataloader=loader,
-                                  ridge=0.0, evaluate=False, plots=False, save_dense=False)
+                                  ridge=ridge, evaluate=False, plots=False, save_dense=False)
         rehab = LoRARehab(datamodule=alpaca, evaluate=False, **rehab_args)
         trainer = pl.Trainer(accelerator="auto", max_steps=0, logger=False, enable_checkpointing=False,
                              enable_model_summary=False, callbacks=[surgery, rehab])
@@ -241,12 +253,13 @@ class Benchmark:
         trainer.fit(module, train_dataloaders=loader)
         seconds = time.perf_counter() - started
         model = module.model
-        row = {"key": key, "stage": "rehab", "model": name, "method": method, "ratio": ratio, "draw": 0,
+        row = {"key": key, "stage": "rehab", "model": name, "method": label, "ratio": ratio, "draw": 0,
+               **({"ridge": ridge} if ridge else {}),
                "params": sum(p.numel() for p in model.parameters()), "seconds": seconds,
                "rehab_tokens": len(rehab.order) * rehab.steps_per_factor * alpaca.batch_size * alpaca.cutoff_len,
                "wikitext2": self.ppl(model, self.test), "ptb": self.ppl(model, self.ptb)}
         if self.args.save == "draw0":
-            save_compressed(model, self.out / "models" / name / f"{method}-{ratio:g}-rehab")
+            save_compressed(model, self.out / "models" / name / f"{label}-{ratio:g}-rehab")
         self.rows.add(row)
 
     # ------------------------------------------------------------------------------------------- stages
@@ -311,7 +324,7 @@ class Benchmark:
         for ratio in self.args.rehab_ratios:
             for method in self.args.rehab_methods:
                 for label in MODEL_ORDER:
-                    self.rehab_row(names[label], method, ratio)
+                    self.rehab_row(names[label], method, ratio, self.args.rehab_ridges.get(method, 0.0))
 
     def zeroshot(self) -> None:
         """Zero-shot accuracy (lm-eval, local GLUE tasks) of every saved draw-0 model: dense, surgery, rehab."""
@@ -799,6 +812,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--two-stream-ratios", type=float, nargs="+", default=[0.2, 0.4])
     parser.add_argument("--sweep-ratios", type=float, nargs="+", default=[0.2, 0.4])
     parser.add_argument("--rehab-ratios", type=float, nargs="+", default=[0.4])
+    parser.add_argument("--rehab-ridges", nargs="*", default=[], metavar="METHOD:RIDGE",
+                        help="the surgery before rehab with the callback's ridge for METHOD, e.g. aa_svd:0.1 (rows "
+                             "named aa_svd+ridge); other methods: the exact form (ridge 0)")
     parser.add_argument("--rehab-steps", type=int, help="LoRA steps per factor (default: the config's)")
     parser.add_argument("--calibration-windows", type=int, help="default: the config's calibration_samples")
     parser.add_argument("--calibration-sizes", type=int, nargs="+", default=[8, 32, 128])
@@ -823,12 +839,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--save", choices=["draw0", "none"], default="draw0")
     parser.add_argument("--zeroshot-tasks", nargs="+", default=["prehab_rte", "prehab_sst2"])
     parser.add_argument("--zeroshot-methods", nargs="+",
-                        choices=["dense", *METHODS, *(f"{m}+rehab" for m in METHODS)],
+                        choices=["dense", *METHODS, *(f"{m}{r}+rehab" for m in METHODS for r in ("", "+ridge"))],
                         help="only these rows, e.g. dense svd_llm+rehab saes_svd+rehab (default: every saved model)")
     parser.add_argument("--zeroshot-limit", type=int, default=200, help="examples per zero-shot task")
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 is steadier on a shared machine)")
     parser.add_argument("--smoke", action="store_true", help="tiny random model, a few windows (for tests)")
     args = parser.parse_args(argv)
+    args.rehab_ridges = dict(parse_ridge(parser, "--rehab-ridges", text, METHODS) for text in args.rehab_ridges)
     if args.finetune_seed < 0:
         parser.error(f"--finetune-seed {args.finetune_seed} is invalid: use 0 (the sweep's models) or a seed > 0.")
     if not all(math.isfinite(r) and r >= 0 for r in args.ridges):

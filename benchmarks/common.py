@@ -3,7 +3,9 @@ the resumable results store, penalty candidates, mean ± half-range formatting a
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
 import statistics
 from pathlib import Path
@@ -34,6 +36,19 @@ def parse_candidate(text: str) -> dict[str, Any]:
     except ValueError as error:
         raise SystemExit(f"candidate {text!r}: λ and tail_ratio must be numbers ({error}).") from error
     return candidate
+
+
+def parse_ridge(parser: argparse.ArgumentParser, flag: str, text: str, methods: Any) -> tuple[str, float]:
+    """``"aa_svd:0.1"`` -> ``("aa_svd", 0.1)``; anything else is refused by ``flag``'s name before any work."""
+    method, _, value = text.partition(":")
+    try:
+        ridge = float(value)
+    except ValueError:
+        ridge = math.nan
+    if method not in methods or not (math.isfinite(ridge) and ridge > 0):
+        parser.error(f"{flag} {text!r} is invalid: use METHOD:RIDGE with METHOD one of {', '.join(methods)} and "
+                     "RIDGE a number > 0, e.g. aa_svd:0.1.")
+    return method, ridge
 
 
 def candidate_name(candidate: dict[str, Any]) -> str:

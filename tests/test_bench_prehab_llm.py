@@ -28,6 +28,15 @@ def load_script():
 @pytest.mark.skipif(not (SHARED_DATA / "ptb").is_dir(), reason="needs ../shared/data")
 def test_smoke_runs_every_stage_and_saved_models_reproduce_the_table(tmp_path, one_thread):
     bench = load_script()
+    ridges_used = []
+
+    class RecordingAASVD(bench.METHODS["aa_svd"]):  # the ridge each AA-SVD surgery before rehab really ran with
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if kwargs.get("save_dense") is False:  # only the rehab stage's surgeries pass it
+                ridges_used.append(self.ridge)
+
+    bench.METHODS["aa_svd"] = RecordingAASVD
     out = tmp_path / "out"
     bench.main(
         [
@@ -51,16 +60,26 @@ def test_smoke_runs_every_stage_and_saved_models_reproduce_the_table(tmp_path, o
             "--ridge-ratios",
             "0.2",
             "0.4",
+            "--rehab-methods",
+            "svd_llm",
+            "aa_svd",
+            "--rehab-ridges",
+            "aa_svd:0.1",
         ]
     )
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
     stages = {r["stage"] for r in rows}
     assert {"heldout", "sweep", "test", "table", "rehab", "calibration", "zeroshot", "diagnose"} <= stages
     zeroshot = [r for r in rows if r["stage"] == "zeroshot"]
-    assert {r["method"] for r in zeroshot} >= {"dense", "svd_llm", "svd_llm+rehab", "saes_svd+rehab"}
+    assert {r["method"] for r in zeroshot} >= {"dense", "svd_llm", "svd_llm+rehab", "aa_svd+ridge+rehab"}
     assert all(0 <= r[f"{task}/acc"] <= 1 for r in zeroshot for task in ("prehab_rte", "prehab_sst2"))
     chosen = json.loads((out / "chosen.json").read_text())["prehab"]
     assert chosen != "control" and chosen in {r["model"] for r in rows}
+    # --rehab-ridges: AA-SVD's surgery before rehab ran with ridge 0.1 for every model, SVD-LLM's without one
+    rehab = {(r["model"], r["method"]): r for r in rows if r["stage"] == "rehab"}
+    assert set(rehab) == {(m, x) for m in ("base", "control", chosen) for x in ("svd_llm", "aa_svd+ridge")}
+    assert all(r.get("ridge", 0.0) == (0.1 if r["method"] == "aa_svd+ridge" else 0.0) for r in rehab.values())
+    assert ridges_used == [0.1] * 3 and (out / "models" / "base" / "aa_svd+ridge-0.4-rehab").is_dir()
 
     table = [r for r in rows if r["stage"] == "table"]
     # every model x method x ratio has one row per calibration draw, and the draws differ
@@ -93,6 +112,10 @@ def test_smoke_runs_every_stage_and_saved_models_reproduce_the_table(tmp_path, o
     for title in ("Sweep", "Main table", "After LoRA rehab", "Calibration size", "Zero-shot accuracy", "Paired"):
         assert title in markdown
     assert "(chosen)" in markdown and "± " in markdown
+    # rehab after AA-SVD with the ridge: prehab / control after rehab, paired on draw 0
+    quotient = rehab[(chosen, "aa_svd+ridge")]["ptb"] / rehab[("control", "aa_svd+ridge")]["ptb"]
+    line = next(x for x in markdown.splitlines() if x.startswith("| aa_svd+ridge+rehab | 0.4 | 0 | 1 |"))
+    assert line.split(" | ")[5].startswith(f"{quotient:.3f} [")
     # the paired quotient: prehab's PTB perplexity over the control's on the same draw, averaged over draws
     ptb = {(r["model"], r["draw"]): r["ptb"] for r in table if r["method"] == "svd_llm" and r["ratio"] == 0.4}
     quotients = [ptb[(chosen, d)] / ptb[("control", d)] for d in (0, 1)]
@@ -185,6 +208,8 @@ def test_smoke_runs_every_stage_and_saved_models_reproduce_the_table(tmp_path, o
         (["--ridge-ratios", "0.2", "40"], "--ridge-ratios [0.2, 40.0] is invalid: use fractions"),
         (["--ratios", "0"], "--ratios [0.0] is invalid: use fractions"),
         (["--ridge-models", "prehab-seed1"], "argument --ridge-models: invalid choice: 'prehab-seed1'"),
+        (["--rehab-ridges", "aa_svd:0"], "--rehab-ridges 'aa_svd:0' is invalid: use METHOD:RIDGE"),
+        (["--rehab-ridges", "aasvd:0.1"], "--rehab-ridges 'aasvd:0.1' is invalid: use METHOD:RIDGE"),
     ],
 )
 def test_bad_flags_are_refused_before_any_work(tmp_path, capsys, flags, message):
