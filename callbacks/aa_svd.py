@@ -25,6 +25,7 @@ class AASVD(LowRankCompression):
     method = "aa_svd"
     two_stream = True
     default_ridge = 0.1
+    reads_original_covariance = False
 
     def solve_layer(self, name: str, weight: Tensor, rank: int, stats: dict[str, Tensor]) -> LowRankFactors:
         return solve_lowrank(weight, rank, whitening=stats["H"], cross=stats["C"], initial_damping=self.damping)

@@ -43,7 +43,13 @@ from prehab.lowrank import (
     replace_module,
     save_compressed,
 )
-from prehab.pipeline import GroupStatistics, covered_by_blocks, one_stream_blocks, sequential_compress
+from prehab.pipeline import (
+    DENSE_CACHE_GB,
+    GroupStatistics,
+    covered_by_blocks,
+    one_stream_blocks,
+    sequential_compress,
+)
 from prehab.refine import DEFAULT_REFINE_LR, refine_block
 from prehab.report import CompressionReport, LayerReport, StageReport, SweepRow, model_size
 from prehab.rollback import RollbackStore
@@ -209,12 +215,21 @@ class LowRankCompression(Callback):
             is solved; needs the targets inside a repeated block list, else one pass with a warning).
             LLaMA-7B's take ~44 GiB, SmolLM2-135M's ~1 GiB. 0: always block by block; ``inf`` (YAML ``.inf``):
             always in one pass.
+        dense_cache_gb: two-stream methods (AA-SVD, SAES-SVD, SVD-LLM with ``propagate``): memory on the
+            model's device that may keep one block's original-model layer inputs over the whole calibration set,
+            so that the dense block runs once per block instead of once per group of layers (q/k/v, o, gate/up,
+            down), and the original inputs' covariance ``G`` is not needed (measured: SEE_RESULTS; same factors).
+            A block whose inputs would not fit runs the dense block per group. SmolLM2-135M with 8k calibration
+            tokens needs ~0.1 GiB, LLaMA-7B with 256 x 2048 tokens ~46 GiB in float32. 0: never keep them.
     """
 
     method: ClassVar[str] = "lowrank"
     requires_calibration: ClassVar[bool] = True
     default_ridge: ClassVar[float] = 0.0  # what ``ridge=None`` means for the method (AA-SVD: 0.1, measured)
     two_stream: bool = False  # True: block-sequential original + shifted streams (prehab.pipeline)
+    # Two-stream solvers that read "G" say so; the built-in ones read only H and C, so G (the original inputs'
+    # covariance, a third product per group) is collected only for the spectrum plot's layers.
+    reads_original_covariance: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -238,6 +253,7 @@ class LowRankCompression(Callback):
         refine_steps: int = 0,
         refine_lr: float = DEFAULT_REFINE_LR,
         statistics_budget_gb: float = 2.0,
+        dense_cache_gb: float = DENSE_CACHE_GB,
     ) -> None:
         if ratio is not None and ratios is not None:
             raise ValueError(
@@ -316,6 +332,12 @@ class LowRankCompression(Callback):
                 "one-stream statistics always block by block; .inf: always in one pass)."
             )
         self.statistics_budget_gb = float(statistics_budget_gb)
+        if not ((is_real(dense_cache_gb) or dense_cache_gb == float("inf")) and dense_cache_gb >= 0):
+            raise ValueError(
+                f"dense_cache_gb={dense_cache_gb!r} is invalid: use a number of GiB >= 0 (e.g. {DENSE_CACHE_GB:g}; "
+                "0: the two-stream pipeline reruns the dense block per group of layers instead of keeping its inputs)."
+            )
+        self.dense_cache_gb = float(dense_cache_gb)
         self.rank_allocation, self.min_kept_fraction = rank_allocation, float(min_kept_fraction)
         self.allocation_weighting = allocation_weighting
         self.refine_steps, self.refine_lr = refine_steps, float(refine_lr)
@@ -356,6 +378,7 @@ class LowRankCompression(Callback):
 
         ``stats`` holds mean covariances: ``"G"`` (``XXᵀ``, original inputs) when calibration ran, plus
         ``"H"`` (``X̂X̂ᵀ``, shifted inputs) and ``"C"`` (``XX̂ᵀ``) for two-stream methods; empty without data.
+        A two-stream method whose class sets ``reads_original_covariance = False`` may get no ``"G"``.
         """
         raise NotImplementedError
 
@@ -371,6 +394,7 @@ class LowRankCompression(Callback):
             "min_kept_fraction": self.min_kept_fraction,
             "allocation_weighting": self.allocation_weighting,
             "statistics_budget_gb": self.statistics_budget_gb,
+            "dense_cache_gb": self.dense_cache_gb,
             "evaluate": False,
             "plots": False,
         }
@@ -474,6 +498,7 @@ class LowRankCompression(Callback):
         from prehab.callbacks import METHODS  # the subclasses live in the package that imports this file
 
         dataloader = self._reusable(dataloader)  # every run must see the same batches
+
         def compared(name: str) -> LowRankCompression:  # the ridge only where the method has statistics to ridge
             kwargs = self.method_kwargs()
             if not METHODS[name].requires_calibration:
@@ -560,8 +585,15 @@ class LowRankCompression(Callback):
         if self.plots and not self._spectrum_names:
             self._spectrum_names = _spectrum_layers(list(targets))
 
-        def solve_group(names: list[str], stats: dict[str, Tensor] | None, samples: int) -> dict[str, nn.Module]:
-            """Factor the named layers from their (shared) statistics; returns replacements, swaps nothing."""
+        def solve_group(
+            names: list[str],
+            stats: dict[str, Tensor] | None,
+            samples: int,
+            dense_energy: dict[str, float] | None = None,
+        ) -> dict[str, nn.Module]:
+            """Factor the named layers from their (shared) statistics; returns replacements, swaps nothing.
+
+            ``dense_energy``: each layer's mean ``‖W x‖²`` where ``stats`` has no ``"G"`` (two streams)."""
             tick = time.perf_counter()
             if stats is not None:
                 self._check_statistics(names, stats)
@@ -573,7 +605,7 @@ class LowRankCompression(Callback):
                 if stats is not None and 0 < samples < inputs:
                     short_of_rows[name] = inputs  # read now: swapped-out layers may be offloaded later
                 layer_report, replacement = self._solve_one(
-                    name, targets[name], plan[name], stats, samples, solver_stats
+                    name, targets[name], plan[name], stats, samples, solver_stats, (dense_energy or {}).get(name)
                 )
                 reports[name] = layer_report
                 if replacement is not None:
@@ -637,7 +669,7 @@ class LowRankCompression(Callback):
             def solve_shared(group: GroupStatistics) -> dict[str, nn.Module]:
                 nonlocal samples
                 samples = max(samples, group.count)
-                return solve_group(group.names, group.as_dict(), group.count)
+                return solve_group(group.names, group.as_dict(), group.count, group.dense_energy)
 
             unused = sequential_compress(
                 model,
@@ -649,6 +681,10 @@ class LowRankCompression(Callback):
                 self.method,
                 refine=refine if self.refine_steps else None,
                 rollback=rollback,
+                original_covariance=None
+                if self.reads_original_covariance
+                else set(self._spectrum_names if self.plots else ()),
+                dense_cache_gb=self.dense_cache_gb,
             )
             for name in unused:
                 solve_group([name], None, 0)
@@ -767,10 +803,12 @@ class LowRankCompression(Callback):
         stats: dict[str, Tensor] | None,
         samples: int,
         solver_stats: dict[str, Tensor] | None = None,
+        dense_energy: float | None = None,
     ) -> tuple[LayerReport, nn.Module | None]:
         """One layer's report line and replacement (None: stays dense). ``stats`` None: it saw no input.
 
-        ``solver_stats``: what the solver reads (``stats`` with the ridge added); the report's error uses ``stats``.
+        ``solver_stats``: what the solver reads (``stats`` with the ridge added); the report's error uses ``stats``
+        (and ``dense_energy``, the mean ``‖W x‖²``, where ``stats`` has no ``"G"``).
         """
         weight = dense_weight(module).detach()
         out_features, in_features = weight.shape
@@ -792,7 +830,7 @@ class LowRankCompression(Callback):
         factors = self.solve_layer(name, weight, layer_rank, solver_stats)
         if not (torch.isfinite(factors.up).all() and torch.isfinite(factors.down).all()):
             raise FloatingPointError(f"{self.method} produced non-finite factors for layer {name!r}.")
-        error = self._relative_error(weight, factors.up @ factors.down, stats)
+        error = self._relative_error(weight, factors.up @ factors.down, stats, dense_energy)
         note = "damped: covariance singular" if factors.singular else ""
         if factors.singular and samples and samples < in_features:
             note += f" ({samples} samples < {in_features} features)"
@@ -979,12 +1017,16 @@ class LowRankCompression(Callback):
                 )
 
     @staticmethod
-    def _relative_error(weight: Tensor, approx: Tensor, stats: dict[str, Tensor]) -> float | None:
-        if "G" not in stats:
+    def _relative_error(
+        weight: Tensor, approx: Tensor, stats: dict[str, Tensor], dense_energy: float | None = None
+    ) -> float | None:
+        if "G" in stats:
+            dense = float((weight.double() @ stats["G"] * weight.double()).sum())
+        elif dense_energy is not None and "H" in stats:
+            dense = dense_energy  # tr(W G Wᵀ), measured on the dense block's outputs instead of G
+        else:
             return None
-        g = stats["G"]
-        dense = float((weight.double() @ g * weight.double()).sum())
-        error = output_error(weight, approx, g, stats.get("C"), stats.get("H"))
+        error = output_error(weight, approx, stats.get("G"), stats.get("C"), stats.get("H"), dense=dense)
         # Round-off can make an exact fit slightly negative (printed as -0.0): the error is a squared norm.
         return max(error, 0.0) / dense if dense > 0 else 0.0
 

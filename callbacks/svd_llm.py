@@ -24,6 +24,7 @@ class SVDLLM(LowRankCompression):
     """
 
     method = "svd_llm"
+    reads_original_covariance = False  # with propagate=True it whitens with H
 
     def __init__(self, propagate: bool = False, **kwargs: Any) -> None:
         if not isinstance(propagate, bool):

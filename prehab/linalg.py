@@ -265,20 +265,24 @@ def solve_lowrank(
 def output_error(
     weight: Tensor,
     approx: Tensor,
-    original_cov: Tensor,
+    original_cov: Tensor | None,
     cross: Tensor | None = None,
     shifted_cov: Tensor | None = None,
+    dense: float | None = None,
 ) -> float:
     """``‖W X − W' X̂‖_F²`` from covariances ``G = XXᵀ``, ``C = XX̂ᵀ``, ``H = X̂X̂ᵀ``.
 
-    With ``cross``/``shifted_cov`` omitted, ``X̂ = X`` (one stream).
+    With ``cross``/``shifted_cov`` omitted, ``X̂ = X`` (one stream). ``dense``: ``‖W X‖² = tr(W G Wᵀ)`` when it
+    is known otherwise (e.g. from the layer's outputs); ``original_cov`` may then be None (two streams only).
     """
     w = weight.to(torch.float64)
     a = approx.to(torch.float64)
-    g = original_cov.to(torch.float64)
+    if original_cov is None and (dense is None or cross is None or shifted_cov is None):
+        raise ValueError("output_error: without original_cov, pass dense, cross and shifted_cov.")
+    g = None if original_cov is None else original_cov.to(torch.float64)
     c = g if cross is None else cross.to(torch.float64)
     h = g if shifted_cov is None else shifted_cov.to(torch.float64)
-    dense = (w @ g * w).sum()
+    dense = float((w @ g * w).sum()) if dense is None else dense
     mixed = (w @ c * a).sum()  # tr(W C W'ᵀ)
     compressed = (a @ h * a).sum()
     return float(dense - 2.0 * mixed + compressed)

@@ -11,18 +11,24 @@ the order the model runs them:
    is called once, in order, with the same non-hidden inputs as the first block (per-layer inputs such
    as sliding-window masks are refused, since block 0's are reused for every block);
 2. inside a block, one probe forward records every call of every targeted layer: layers fed the very
-   same tensors form a group (q/k/v, gate/up), processed in call order. For each group both streams
-   are run until each layer has made its calls (early exit), every call's input rows go into the
-   statistics, the group is solved, and its layers are swapped in, so later groups see it (q/k/v
-   before o, ...). Groups are derived per block, and verified on every batch: layers that stop sharing
-   their inputs get statistics of their own, and layers the probe did not see are collected last;
+   same tensors form a group (q/k/v, gate/up), processed in call order. The dense block runs once over
+   every batch with every target's inputs kept (when they fit ``dense_cache_gb``; else the dense stream
+   is rerun per group like the compressed one) and each target's ``‖W x‖²`` taken from its outputs. For
+   each group the compressed stream is run until each layer has made its calls (early exit), every
+   call's input rows go into the statistics, the group is solved, and its layers are swapped in, so
+   later groups see it (q/k/v before o, ...). Groups are derived per block, and verified on every
+   batch: layers that stop sharing their inputs get statistics of their own, and layers the probe did
+   not see are collected last. ``G = XXᵀ`` is collected only for the groups a caller asks for
+   (``original_covariance``): the solvers read ``H`` and ``C``, the report's error needs only ``‖W x‖²``;
 3. both streams are propagated to the next block: the original stream with the dense block (the
    replaced modules are swapped back for that pass), the shifted one with the compressed block.
 
 Padded positions (a dict batch's ``attention_mask == 0``, :func:`~prehab.calibration.padding_mask`) are left
 out of every statistic and of the refinement's error; the blocks still run on the padded batches.
 
-Memory: one block of activations per stream (on CPU when the model is on an accelerator). The replaced
+Memory: one block of activations per stream (on CPU when the model is on an accelerator), plus the dense
+block's layer inputs over all batches on the model's device (up to ``dense_cache_gb``; ~5.7 hidden states per
+token for a Llama block). The replaced
 dense modules are kept so that any failure puts the model back exactly as it was, but only the current
 block's stay on the model's device: once a block is done they go to a :class:`~prehab.rollback.RollbackStore`
 (host memory for an accelerator, a temporary file for a CPU model). After a successful run the replaced
@@ -35,8 +41,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Hashable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -66,6 +72,9 @@ BlockRefiner = Callable[
     [str, nn.Module, list[nn.Parameter], Callable[[int], Tensor], Callable[[int], Tensor], int], None
 ]
 
+# Default memory for one block's original-stream layer inputs (see sequential_compress's dense_cache_gb).
+DENSE_CACHE_GB = 4.0
+
 # Block inputs that legitimately differ per block (or hold no per-layer meaning) in the kwargs check.
 _PER_CALL_INPUTS = frozenset(
     {"hidden_states", "past_key_values", "past_key_value", "layer_past", "cache", "use_cache", "cache_position"}
@@ -78,16 +87,21 @@ class _StopForward(Exception):
 
 @dataclass
 class GroupStatistics:
-    """Mean second-order statistics of a group of layers that read the same input (q/k/v, gate/up)."""
+    """Mean second-order statistics of a group of layers that read the same input (q/k/v, gate/up).
+
+    ``G`` is None where the caller did not ask for it (``original_covariance=``) and the dense stream's outputs
+    gave each layer's ``dense_energy`` instead: ``mean ‖W x‖² = tr(W G Wᵀ)``, all the report's error needs.
+    """
 
     names: list[str]
-    G: Tensor  # mean X Xᵀ     (original stream)
+    G: Tensor | None  # mean X Xᵀ     (original stream)
     H: Tensor  # mean X̂ X̂ᵀ     (shifted stream)
     C: Tensor  # mean X X̂ᵀ     (cross)
     count: int
+    dense_energy: dict[str, float] = field(default_factory=dict)  # layer name -> mean ‖W x‖² over the rows
 
     def as_dict(self) -> dict[str, Tensor]:
-        return {"G": self.G, "H": self.H, "C": self.C}
+        return {"H": self.H, "C": self.C} if self.G is None else {"G": self.G, "H": self.H, "C": self.C}
 
 
 def _hidden(output: Any) -> Tensor:
@@ -210,6 +224,19 @@ def _hooks(modules: dict[str, nn.Module], fn: Callable[[str, Tensor], None]) -> 
                     with_kwargs=True,
                 )
             )
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def _output_hooks(modules: dict[str, nn.Module], fn: Callable[[str, nn.Module, Tensor], None]) -> Iterator[None]:
+    """``fn(name, module, output)`` after every call of every module."""
+    handles = []
+    try:
+        for name, module in modules.items():
+            handles.append(module.register_forward_hook(lambda m, _args, out, _n=name: fn(_n, m, out)))
         yield
     finally:
         for handle in handles:
@@ -353,6 +380,7 @@ class _Structure:
     groups: list[list[str]]
     calls: dict[str, int]  # calls per layer in the probe forward
     uncalled: list[str]
+    input_bytes: int = 0  # the distinct target inputs of the probe batch (what a dense-input cache holds per batch)
 
 
 def _probe_structure(stage: nn.Module, targets: dict[str, nn.Module], inputs: Any, runner: _Runner) -> _Structure:
@@ -372,30 +400,111 @@ def _probe_structure(stage: nn.Module, targets: dict[str, nn.Module], inputs: An
     for name, sequence in sequences.items():  # insertion order: order of first calls
         groups.setdefault(tuple(sequence), []).append(name)
     return _Structure(
-        list(groups.values()), {n: len(s) for n, s in sequences.items()}, [n for n in targets if n not in sequences]
+        list(groups.values()),
+        {n: len(s) for n, s in sequences.items()},
+        [n for n in targets if n not in sequences],
+        sum(x.numel() * x.element_size() for x in alive),
     )
 
 
 class _Accumulator:
-    """Running ``G``, ``H``, ``C`` sums over paired input rows of the two streams."""
+    """Running ``G`` (unless ``original`` is False), ``H``, ``C`` sums over paired input rows of the two streams."""
 
-    def __init__(self, features: int, device: torch.device) -> None:
-        self.g, self.h, self.c = (RunningCovariance(features, device=device) for _ in range(3))
+    def __init__(self, features: int, device: torch.device, original: bool = True) -> None:
+        self.h, self.c = RunningCovariance(features, device=device), RunningCovariance(features, device=device)
+        self.g = RunningCovariance(features, device=device) if original else None
 
     def add(self, originals: list[Tensor], shifted: list[Tensor], mask: Tensor | None) -> None:
         for x, x_hat in zip(originals, shifted, strict=True):
             x, x_hat = token_rows(x, mask), token_rows(x_hat, mask)  # select the real rows once, not per product
-            self.g.update(x)
+            if self.g is not None:
+                self.g.update(x)
             self.h.update(x_hat)
             self.c.update(x, x_hat)
 
-    def statistics(self, names: list[str]) -> GroupStatistics:
-        """Means over all ranks (all-reduced); zeros with ``count == 0`` when no rank saw an input."""
-        count = torch.tensor([float(self.h.count)], dtype=torch.float64, device=self.h.sum.device)
-        all_reduce_sum_([self.g.sum, self.h.sum, self.c.sum, count])
+    def statistics(self, names: list[str], energy: dict[str, Tensor] | None = None) -> GroupStatistics:
+        """Means over all ranks (all-reduced); zeros with ``count == 0`` when no rank saw an input.
+
+        ``energy``: each layer's summed ``‖W x‖²`` on this rank (from the dense stream's outputs), averaged alike.
+        """
+        device = self.h.sum.device
+        count = torch.tensor([float(self.h.count)], dtype=torch.float64, device=device)
+        energies = torch.stack([energy[n].to(device) for n in names]) if energy is not None else None
+        sums = [self.h.sum, self.c.sum, count] + ([] if self.g is None else [self.g.sum])
+        all_reduce_sum_(sums + ([] if energies is None else [energies]))
         total = int(count.item())
         scale = max(total, 1)
-        return GroupStatistics(names, self.g.sum / scale, self.h.sum / scale, self.c.sum / scale, total)
+        g = None if self.g is None else self.g.sum / scale
+        dense_energy = {} if energies is None else dict(zip(names, (energies / scale).tolist(), strict=True))
+        return GroupStatistics(names, g, self.h.sum / scale, self.c.sum / scale, total, dense_energy)
+
+
+@dataclass
+class _DenseInputs:
+    """One full dense pass of a block over every batch: each target's call inputs (tensors read by several
+    targets are stored once, so the shared-input check still sees one object), each target's summed ``‖W x‖²``
+    over real rows (from its outputs minus bias), and the block's outputs (the next block's original inputs)."""
+
+    calls: list[dict[str, list[Any]]]
+    energy: dict[str, Tensor]
+    outputs: list | None
+
+    def batch(self, index: int, names: list[str]) -> dict[str, list[Tensor]]:
+        """Batch ``index``'s inputs of ``names`` (on the model's device)."""
+        return {n: list(self.calls[index].get(n, [])) for n in names}
+
+
+def _record_dense(
+    stage: nn.Module,
+    targets: dict[str, nn.Module],
+    inputs: list,
+    masks: list[Tensor | None],
+    runner: _Runner,
+    keep_outputs: bool,
+) -> _DenseInputs:
+    """Run the (dense) stage once per batch with every target's inputs and output energies recorded."""
+    calls: list[dict[str, list[Any]]] = []
+    device = dense_weight(next(iter(targets.values()))).device
+    energy = {name: torch.zeros((), dtype=torch.float64, device=device) for name in targets}
+    outputs: list | None = [] if keep_outputs else None
+    for index, batch in enumerate(inputs):
+        seen: dict[str, list[Any]] = {name: [] for name in targets}
+        stored: dict[int, Any] = {}
+        alive: list[Tensor] = []  # the inputs stay alive during the forward, so that ids stay unique
+
+        def record(name: str, x: Tensor, _seen=seen, _stored=stored, _alive=alive) -> None:
+            if id(x) not in _stored:
+                _alive.append(x)
+                # A copy (a later in-place op of the block must not change what the statistics read), kept on
+                # the model's device: on an accelerator a trip to host memory and back costs more than the
+                # block forwards it saves.
+                _stored[id(x)] = x.detach().clone()
+            _seen[name].append(_stored[id(x)])
+
+        def output(name: str, module: nn.Module, y: Tensor, _mask=masks[index]) -> None:
+            rows = token_rows(y.detach(), _mask).to(torch.float64)
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, Tensor):
+                rows = rows - bias.detach().to(torch.float64)
+            energy[name] += rows.square().sum().to(device)
+
+        with _hooks(targets, record), _output_hooks(targets, output):
+            out = runner(stage, batch)
+        if outputs is not None:
+            outputs.append(runner.store(_hidden(out).detach()))
+        calls.append(seen)
+    return _DenseInputs(calls, energy, outputs)
+
+
+def _cache_estimate(structure: _Structure, inputs: list) -> float:
+    """Bytes :class:`_DenseInputs` would hold: the probe batch's distinct target inputs, scaled by token rows."""
+    rows = [_rows(_block_hidden(inp)) for inp in inputs]
+    return structure.input_bytes * sum(rows) / max(rows[0], 1)
+
+
+def _block_hidden(inputs: tuple[tuple, dict]) -> Tensor:
+    args, kwargs = inputs
+    return args[0] if args else kwargs["hidden_states"]
 
 
 def _identical(a: list[Tensor], b: list[Tensor]) -> bool:
@@ -439,6 +548,8 @@ def _collect(
     dense_view: Callable[[], contextlib.AbstractContextManager],
     keep_outputs: bool,
     where: str,
+    dense_inputs: _DenseInputs | None = None,
+    original_covariance: bool = True,
 ) -> tuple[list[GroupStatistics], list | None] | None:
     """Both streams' statistics of ``members`` over all batches, every call of every member counted.
 
@@ -446,22 +557,27 @@ def _collect(
     so they share one statistic; that is verified on every batch, and None is returned when it fails
     anywhere (the caller then collects again with ``expected=None``: one statistic per member).
     ``masks[b]``: batch ``b``'s real tokens (None: every row counts; see :func:`~prehab.stats.token_rows`).
+    ``dense_inputs``: the original stream's inputs recorded by one full dense pass (the dense stage is then not
+    run again); its energies go into the statistics, and ``G`` is left out unless ``original_covariance``.
     """
     names = list(members)
     shared = expected is not None and len(names) > 1
     first_weight = dense_weight(members[names[0]])
+    with_g = original_covariance or dense_inputs is None
     accumulators = {
-        name: _Accumulator(dense_weight(module).shape[1], first_weight.device)
+        name: _Accumulator(dense_weight(module).shape[1], first_weight.device, with_g)
         for name, module in (list(members.items())[:1] if shared else members.items())
     }
     unpaired, unshared = [0.0] * len(names), [0.0] * len(names)
     problem = ""
     outputs: list | None = [] if keep_outputs else None
     for batch_index, (original, shifted) in enumerate(zip(*streams, strict=True)):
-        # The dense stream: this stage's replaced layers swapped back for the pass.
-        with dense_view():  # full run when its outputs are kept: they are the next block's original inputs
-            stop = None if keep_outputs else expected
-            seen_original = _run_recording(stage, members, original, runner, stop, outputs)
+        if dense_inputs is not None:
+            seen_original = dense_inputs.batch(batch_index, names)
+        else:  # The dense stream: this stage's replaced layers swapped back for the pass.
+            with dense_view():  # full run when its outputs are kept: they are the next block's original inputs
+                stop = None if keep_outputs else expected
+                seen_original = _run_recording(stage, members, original, runner, stop, outputs)
         seen_shifted = _run_recording(stage, members, shifted, runner, expected, None)
         for index, name in enumerate(names):
             xs, ys = seen_original[name], seen_shifted[name]
@@ -489,9 +605,10 @@ def _collect(
         )
     if shared and flags[1].any():
         return None
+    energy = None if dense_inputs is None else dense_inputs.energy
     if shared:
-        return [accumulators[names[0]].statistics(names)], outputs
-    return [accumulators[name].statistics([name]) for name in names], outputs
+        return [accumulators[names[0]].statistics(names, energy)], outputs
+    return [accumulators[name].statistics([name], energy) for name in names], outputs
 
 
 def _compress_stage(
@@ -505,12 +622,18 @@ def _compress_stage(
     originals: dict[str, nn.Module],
     solve: GroupSolver,
     keep_outputs: bool,
+    original_covariance: Collection[str] | None = None,
+    cache_bytes: float = 0.0,
 ) -> tuple[list[str], list | None]:
     """Solve and swap in the stage's targets (names relative to the stage), group after group.
 
     Returns the names (relative to ``model``) of targets that received no input, and, with
     ``keep_outputs``, the dense stage's outputs on the original stream when the last group's pass
     produced them (else None).
+
+    When the original stream's inputs of every target fit ``cache_bytes`` (estimated from the probe batch),
+    the dense stage runs once per batch for all groups (:class:`_DenseInputs`) instead of once per group, and
+    ``G`` is collected only for groups with a layer in ``original_covariance`` (full names; None: every group).
     """
     if not targets:
         return [], None
@@ -519,19 +642,26 @@ def _compress_stage(
     passes = [(group, True) for group in structure.groups]
     if structure.uncalled:  # not called on the probe batch: maybe on others (routing, data-dependent code)
         passes.append((structure.uncalled, False))
+    dense_inputs = None
+    if not runner.whole_model and _broadcast(_cache_estimate(structure, streams[0]) <= cache_bytes):
+        with _dense(model, originals, root):
+            dense_inputs = _record_dense(stage, targets, streams[0], masks, runner, keep_outputs)
     unused: list[str] = []
-    outputs: list | None = None
+    outputs: list | None = None if dense_inputs is None else dense_inputs.outputs
     for pass_index, (names, probed) in enumerate(passes):
-        keep = keep_outputs and pass_index == len(passes) - 1
+        keep = keep_outputs and pass_index == len(passes) - 1 and dense_inputs is None
         members = {n: targets[n] for n in names}
         args = (stage, members)
-        rest = (streams, masks, runner, lambda: _dense(model, originals, root), keep, prefix)
+        wants_g = original_covariance is None or any(prefix + n in original_covariance for n in names)
+        rest = (streams, masks, runner, lambda: _dense(model, originals, root), keep, prefix, dense_inputs, wants_g)
         collected = _collect(*args, {n: structure.calls[n] for n in names} if probed else None, *rest)
         if collected is None:  # the members did not always share their inputs: one statistic each
             collected = _collect(*args, None, *rest)
-        results, outputs = collected
+        results, collected_outputs = collected
+        outputs = outputs if dense_inputs is not None else collected_outputs
         for stats in results:
             stats.names = [prefix + n for n in stats.names]
+            stats.dense_energy = {prefix + n: e for n, e in stats.dense_energy.items()}
             if stats.count == 0:
                 unused += stats.names
                 continue
@@ -551,6 +681,8 @@ def sequential_compress(
     desc: str = "two-stream",
     refine: BlockRefiner | None = None,
     rollback: RollbackStore | None = None,
+    original_covariance: Collection[str] | None = None,
+    dense_cache_gb: float = DENSE_CACHE_GB,
 ) -> list[str]:
     """Compress ``targets`` block by block from two calibration streams, calling ``solve`` per group.
 
@@ -571,6 +703,14 @@ def sequential_compress(
         rollback: where finished blocks' dense modules go (see the module doc); default: a store of this
             call, closed at the end. A caller's store is left holding them after a success (a ratio sweep
             restores the dense model from it) and is restored from on failure.
+        original_covariance: names of the targets whose group statistics must carry ``G`` (the original
+            inputs' covariance; e.g. for a spectrum plot). None: every group. Groups without it carry each
+            layer's ``dense_energy`` (``tr(W G Wᵀ)``, from the dense block's outputs) instead; ``G`` is always
+            collected when the dense inputs are not cached (below).
+        dense_cache_gb: memory (on the model's device) that may hold one block's original inputs of every
+            target over all batches, so that the dense block runs once per block instead of once per group of
+            layers. Blocks whose inputs would not fit run the dense stream per group (the
+            results are the same to float round-off). 0: never cache.
 
     Returns:
         Names of targets that never received an input (left dense).
@@ -609,7 +749,17 @@ def sequential_compress(
                 with tqdm(total=1, desc=f"{desc}: blocks", disable=not progress, unit="block") as bar:
                     streams = (list(batches), list(batches))
                     unused, _ = _compress_stage(
-                        model, model, "", dict(targets), streams, masks, runner, originals, solve, False
+                        model,
+                        model,
+                        "",
+                        dict(targets),
+                        streams,
+                        masks,
+                        runner,
+                        originals,
+                        solve,
+                        False,
+                        original_covariance,
                     )
                     bar.update()
                 return unused
@@ -622,7 +772,21 @@ def sequential_compress(
             with tqdm(total=total, desc=f"{desc}: blocks", disable=not progress, unit="block") as bar:
                 for (name, stack), last in work:
                     unused += _compress_stack(
-                        model, name, stack, last, targets, batches, masks, runner, originals, solve, bar, store, refine
+                        model,
+                        name,
+                        stack,
+                        last,
+                        targets,
+                        batches,
+                        masks,
+                        runner,
+                        originals,
+                        solve,
+                        bar,
+                        store,
+                        refine,
+                        original_covariance,
+                        dense_cache_gb * 2**30,
                     )
             return unused
         except BaseException:
@@ -742,6 +906,8 @@ def _compress_stack(
     bar: tqdm,
     store: RollbackStore,
     refine: BlockRefiner | None = None,
+    original_covariance: Collection[str] | None = None,
+    cache_bytes: float = 0.0,
 ) -> list[str]:
     # Earlier stacks' dense layers (e.g. the encoder's, for the decoder's inputs) come back for this one pass.
     with store.loaded() as earlier, _dense(model, {**earlier, **originals}, ""):
@@ -758,7 +924,18 @@ def _compress_stack(
         more = index < last
         streams = (original_inputs, shifted_inputs)
         missing, next_original = _compress_stage(
-            model, block, prefix, block_targets, streams, masks, runner, originals, solve, more
+            model,
+            block,
+            prefix,
+            block_targets,
+            streams,
+            masks,
+            runner,
+            originals,
+            solve,
+            more or refine is not None,
+            original_covariance,
+            cache_bytes,
         )
         unused += missing
         factors = [
