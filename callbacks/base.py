@@ -218,7 +218,8 @@ class LowRankCompression(Callback):
         dense_cache_gb: two-stream methods (AA-SVD, SAES-SVD, SVD-LLM with ``propagate``): memory on the
             model's device that may keep one block's original-model layer inputs over the whole calibration set,
             so that the dense block runs once per block instead of once per group of layers (q/k/v, o, gate/up,
-            down), and the original inputs' covariance ``G`` is not needed (measured: SEE_RESULTS; same factors).
+            down), and the original inputs' covariance ``G`` is not needed (calibration time
+            0.75-0.79x on SmolLM2, same factors: ``benchmarks/RESULTS.md`` §9).
             A block whose inputs would not fit runs the dense block per group. SmolLM2-135M with 8k calibration
             tokens needs ~0.1 GiB, LLaMA-7B with 256 x 2048 tokens ~46 GiB in float32. 0: never keep them.
     """
