@@ -69,6 +69,12 @@ def test_covariance_error_formula_matches_activations():
     formula = output_error(w, approx, x @ x.T, x @ x_hat.T, x_hat @ x_hat.T)
     assert formula == pytest.approx(_objective(w, approx, x, x_hat), rel=1e-10)
     assert output_error(w, approx, x @ x.T) == pytest.approx(_objective(w, approx, x, x), rel=1e-10)
+    # ‖WX‖² known from the layer's outputs (the two-stream pipeline's dense pass): G is not needed
+    dense = float((w @ x).square().sum())
+    without_g = output_error(w, approx, None, x @ x_hat.T, x_hat @ x_hat.T, dense=dense)
+    assert without_g == pytest.approx(_objective(w, approx, x, x_hat), rel=1e-10)
+    with pytest.raises(ValueError, match="without original_cov, pass dense, cross and shifted_cov"):
+        output_error(w, approx, None, x @ x_hat.T, x_hat @ x_hat.T)
 
 
 @pytest.mark.parametrize("shape", [(8, 6), (6, 8)])
