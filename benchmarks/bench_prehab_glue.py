@@ -155,19 +155,20 @@ class Benchmark:
             model_args["regularizer"] = "stable_rank"  # unused at λ = 0
         if source == self.pretrained:  # a new head for the task (STS-B: 1 output) whatever head the model had
             model_args["model_kwargs"] = {**(model_args.get("model_kwargs") or {}), "ignore_mismatched_sizes": True}
-        pl.seed_everything(0)
+        pl.seed_everything(self.args.seed)
         module = PrehabModule(**model_args)
         trainer = pl.Trainer(accelerator="auto", max_steps=steps, logger=False, enable_checkpointing=False,
                              enable_model_summary=False, limit_val_batches=0, enable_progress_bar=False)
         started = time.perf_counter()
-        trainer.fit(module, train_dataloaders=self.train_loader(task))
+        trainer.fit(module, train_dataloaders=self.train_loader(task, seed=self.args.seed))
         seconds = time.perf_counter() - started
         folder.mkdir(parents=True, exist_ok=True)
         module.model.save_pretrained(folder)
         self.data(task).tokenizer.save_pretrained(folder)
         batch = self.data(task).batch_size
         (folder / "prehab.json").write_text(json.dumps(
-            {"candidate": candidate, "source": str(source), "steps": steps, "lr": lr, "batch_size": batch,
+            {"candidate": candidate, "source": str(source), "seed": self.args.seed, "steps": steps, "lr": lr,
+             "batch_size": batch,
              "examples": steps * batch, "seconds": seconds, "seconds_per_step": seconds / max(steps, 1)}, indent=2))
         print(f"[fit] {task}/{name}: {steps} steps in {seconds:.0f} s ({seconds / max(steps, 1):.2f} s/step)",
               flush=True)
@@ -221,11 +222,11 @@ class Benchmark:
         if self.args.rehab_steps is not None:
             rehab_args["steps_per_factor"] = self.args.rehab_steps
         loader = self.calibration(task, 0)
-        pl.seed_everything(0)
+        pl.seed_everything(self.args.seed)
         module = PrehabModule(model=self.load(task, name), lam=0.0, task=task_kind(task)["task"])
         surgery = METHODS[method](ratio=ratio, calibration_batches=len(loader), calibration_dataloader=loader,
                                   ridge=0.0, evaluate=False, plots=False, save_dense=False)
-        rehab = LoRARehab(dataloader=self.train_loader(task, seed=1), evaluate=False, **rehab_args)
+        rehab = LoRARehab(dataloader=self.train_loader(task, seed=self.args.seed + 1), evaluate=False, **rehab_args)
         trainer = pl.Trainer(accelerator="auto", max_steps=0, logger=False, enable_checkpointing=False,
                              enable_model_summary=False, enable_progress_bar=False, callbacks=[surgery, rehab])
         started = time.perf_counter()
@@ -342,7 +343,7 @@ def write_report(out: Path) -> None:
                   f"{data['batch_size']}, max length {data['max_length']}, training examples ≤ "
                   f"{data.get('max_train_samples')}, dev examples ≤ {data.get('max_eval_samples')}, held-out "
                   f"{data.get('heldout_samples')}, calibration {data['calibration_samples']} examples, "
-                  f"{args['draws']} calibration draw(s). Metrics: "
+                  f"{args['draws']} calibration draw(s), training seed {args.get('seed', 0)}. Metrics: "
                   + ", ".join(f"{LABELS[t]} {PRIMARY[t]}" for t in tasks) + ".", ""]
     sweep = [r for r in rows if r["stage"] in ("sweep", "heldout")]
     if sweep:
@@ -500,6 +501,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="extra table rows of the fine-tuned model with the callback's ridge, e.g. aa_svd:0.1 "
                              "saes_svd:0.01 (rows named aa_svd+ridge0.1)")
     parser.add_argument("--draws", type=int, default=1, help="calibration draws in the table stage")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="training seed (new head, data order, dropout) of the fine-tune, prehab and rehab runs; "
+                             "use a new --out per seed")
     parser.add_argument("--calibration-samples", type=int,
                         help="training examples per calibration draw (default: the config's data.calibration_samples)")
     parser.add_argument("--save", choices=["draw0", "none"], default="draw0")

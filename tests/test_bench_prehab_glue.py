@@ -96,3 +96,25 @@ def test_bad_ridges_are_refused_by_name_before_any_work(tmp_path, value, capsys)
         bench.main(["--smoke", "--out", str(tmp_path / "out"), "--ridges", value])
     assert f"--ridges {value!r} is invalid: use METHOD:RIDGE" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "glue").is_dir(), reason="needs ../shared/data/glue")
+def test_seed_changes_the_fine_tune_and_is_recorded(tmp_path, one_thread):
+    """--seed is a second fine-tune seed (new head, data order, dropout): other weights, the same data."""
+    import torch
+    from safetensors.torch import load_file
+
+    bench = load_script()
+    weights = {}
+    for seed in (0, 1, 1):
+        out = tmp_path / f"seed{seed}-{len(weights)}"
+        bench.main(["--smoke", "--out", str(out), "--data", str(SHARED_DATA), "--stages", "finetune",
+                    "--seed", str(seed)])
+        folder = out / "models" / "rte" / "finetuned" / "dense"
+        assert json.loads((folder / "prehab.json").read_text())["seed"] == seed
+        weights[(seed, len(weights))] = load_file(folder / "model.safetensors")
+    (a, b, c) = weights.values()
+    assert a.keys() == b.keys() == c.keys()
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # seed 0 vs 1
+    assert all(torch.equal(b[k], c[k]) for k in b)  # seed 1 twice: reproducible
+    assert "training seed 1" in (tmp_path / "seed1-2" / "results.md").read_text()
