@@ -4,8 +4,9 @@
     python benchmarks/bench_inference.py --smoke --out /tmp/smoke          # tiny random Llama, seconds
 
 Every block Linear is replaced by a ``LowRankLinear`` at each ``--ratios`` (plain SVD of the weight: latency depends
-on the shapes, not on how the factors were found). Measured in one process, settings interleaved per repeat so
-machine noise hits all of them alike, median of ``--repeats``:
+on the shapes, not on how the factors were found); ``--lm-head`` ratios also factor the LM head, untied from the
+input embeddings first (more parameters in all than a tied head, fewer read per token). Measured in one process,
+settings interleaved per repeat so machine noise hits all of them alike, median of ``--repeats``:
 
 - prefill: one forward of ``B x --prefill-tokens`` tokens without a KV cache, for each ``--prefill-batches`` B
   (all positions' logits, as for perplexity), and for the first B with the last position's logits only (what
@@ -38,14 +39,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, default_asset  # noqa: E402
 
 from prehab.linalg import rank_from_ratio, truncated_svd  # noqa: E402
-from prehab.lowrank import LowRankLinear, dense_weight, replace_module  # noqa: E402
+from prehab.lowrank import LowRankLinear, dense_weight, replace_module, untie_output_embeddings  # noqa: E402
 from prehab.targets import resolve_targets  # noqa: E402
 
 
-def lowrank_copy(dense: nn.Module, ratio: float) -> nn.Module:
-    """``dense`` with every default target (block Linears) factorized by plain SVD at ``ratio`` removed."""
+def lowrank_copy(dense: nn.Module, ratio: float, head: bool = False) -> nn.Module:
+    """``dense`` with every default target (block Linears) factorized by plain SVD at ``ratio`` removed; ``head``:
+    the LM head too, untied from the input embeddings first (``prehab.untie_output_embeddings``)."""
     model = copy.deepcopy(dense)
-    for name, layer in resolve_targets(model).items():
+    targets = resolve_targets(model)
+    if head:
+        untie_output_embeddings(model)
+        output = model.get_output_embeddings()
+        targets.update({name: m for name, m in model.named_modules() if m is output})
+    for name, layer in targets.items():
         weight = dense_weight(layer)
         rank = rank_from_ratio(weight.shape[0], weight.shape[1], ratio)
         left, singular, right = truncated_svd(weight, rank)
@@ -88,7 +95,8 @@ def interleaved(settings: dict[str, Callable[[], Any]], repeats: int) -> dict[st
 def block_linears(model: nn.Module) -> dict[tuple[int, int, int | None], list[nn.Module]]:
     """``(in, out, rank or None) -> layers`` of the block Linears (low-rank, else the dense targets), in model order."""
     groups: dict[tuple[int, int, int | None], list[nn.Module]] = {}
-    lowrank = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+    head = model.get_output_embeddings()
+    lowrank = [m for m in model.modules() if isinstance(m, LowRankLinear) and m is not head]
     for layer in lowrank or list(resolve_targets(model).values()):
         if isinstance(layer, LowRankLinear):
             key = (layer.in_features, layer.out_features, layer.rank)
@@ -143,12 +151,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from gpu_check import _random_llama
 
         dense = _random_llama(hidden=64, mlp=128, heads=4, blocks=2, vocab=256, dtype=torch.float32).eval()
+        dense.config.tie_word_embeddings = True  # as SmolLM2: the head is the embedding matrix
+        dense.lm_head.weight = dense.model.embed_tokens.weight
     else:
         dense = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     vocab = dense.config.vocab_size
     models = {"dense": dense, **{f"{r:g}": lowrank_copy(dense, r) for r in args.ratios}}
     for ratio in args.module_calls:  # the same factors through two nn.Linear calls (LowRankLinear before its fast path)
         models[f"{ratio:g} module calls"] = module_calls(models.get(f"{ratio:g}") or lowrank_copy(dense, ratio))
+    for ratio in args.lm_head:  # the LM head untied and factorized at the same ratio as the blocks
+        models[f"{ratio:g} +head"] = lowrank_copy(dense, ratio, head=True)
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
     generator = torch.Generator().manual_seed(0)
     results: dict[str, Any] = {"threads": torch.get_num_threads(), "params": params, "prefill": {}, "decode": {}}
@@ -205,7 +217,9 @@ def write_report(results: dict[str, Any], args: argparse.Namespace, out: Path) -
             cells.append(f"{1e3 * times[name]:.1f} ({times[name] / times['dense']:.2f}x)")
         decode = results["decode"]
         cells.append(f"{1e3 * decode[name]:.2f} ({decode[name] / decode['dense']:.2f}x)")
-        label = "dense" if name == "dense" else f"{name.split()[0]} removed" + (", module calls" if " " in name else "")
+        ratio, _, variant = name.partition(" ")
+        extra = {"": "", "module calls": ", module calls", "+head": ", LM head too (untied)"}[variant]
+        label = "dense" if name == "dense" else f"{ratio} removed{extra}"
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for key, title in (("breakdown_prefill", f"prefill 1x{args.prefill_tokens}"), ("breakdown_decode", "decode")):
         if key not in results:
@@ -261,6 +275,13 @@ def main(argv: list[str] | None = None) -> None:
         nargs="*",
         default=[],
         help="ratios also measured with the factors called as modules (the fast path's control)",
+    )
+    parser.add_argument(
+        "--lm-head",
+        type=float,
+        nargs="*",
+        default=[],
+        help="ratios also measured with the LM head untied from the embeddings and factorized at the same ratio",
     )
     parser.add_argument("--prefill-tokens", type=int, default=512)
     parser.add_argument("--prefill-batches", type=int, nargs="+", default=[1, 8])

@@ -7,6 +7,7 @@ from prehab.lowrank import (
     load_compressed,
     load_from_checkpoint,
     save_compressed,
+    untie_output_embeddings,
 )
 from prehab.module import PrehabModule
 from prehab.report import CompressionReport, LayerReport
@@ -23,4 +24,5 @@ __all__ = [
     "load_compressed",
     "load_from_checkpoint",
     "save_compressed",
+    "untie_output_embeddings",
 ]

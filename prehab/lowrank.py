@@ -44,6 +44,7 @@ __all__ = [
     "lowrank_structure_from_state_dict",
     "replace_module",
     "save_compressed",
+    "untie_output_embeddings",
 ]
 
 log = logging.getLogger("prehab")
@@ -171,6 +172,46 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
     return old
+
+
+def untie_output_embeddings(model: nn.Module) -> bool:
+    r"""Give a model's output layer (the LM head) its own copy of the weight it shares with the input embeddings.
+
+    A tied head cannot be factored (the embeddings still need the full matrix, so the model would grow):
+    untying first makes the head an ordinary target, e.g. ``targets=[r"layers\.", "lm_head"]``. The copy adds the
+    head's parameters once (28 M for SmolLM2-135M) until it is compressed; the config's
+    ``tie_word_embeddings`` is set to False so that ``save_pretrained``/:func:`save_compressed` keep both
+    matrices and the folder reloads untied. Outputs are unchanged.
+
+    Args:
+        model: a transformers model (``get_input_embeddings``/``get_output_embeddings``).
+
+    Returns:
+        True when the weights were tied and are now two copies; False when there was nothing to untie.
+
+    Raises:
+        ValueError: ``model`` has no output or input embeddings to untie.
+    """
+    getters = ("get_input_embeddings", "get_output_embeddings")
+    layers = [getattr(model, getter, lambda: None)() for getter in getters]
+    if any(layer is None or not isinstance(getattr(layer, "weight", None), Tensor) for layer in layers):
+        raise ValueError(
+            f"untie_output_embeddings: {type(model).__name__} has no input and output embeddings with weights "
+            "(get_input_embeddings()/get_output_embeddings()); nothing can be untied. Name the head to compress "
+            "with targets= if it is already a separate Linear."
+        )
+    embeddings, head = layers
+    tied = embeddings.weight is head.weight or (
+        embeddings.weight.data_ptr() == head.weight.data_ptr() and embeddings.weight.shape == head.weight.shape
+    )
+    if not tied:
+        return False
+    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
+    config = getattr(model, "config", None)
+    for part in {id(c): c for c in (config, getattr(config, "get_text_config", lambda: None)()) if c}.values():
+        if hasattr(part, "tie_word_embeddings"):
+            part.tie_word_embeddings = False
+    return True
 
 
 def lowrank_structure(model: nn.Module) -> dict[str, dict[str, Any]]:

@@ -14,16 +14,22 @@ BENCH = Path(__file__).parent.parent / "benchmarks" / "bench_inference.py"
 
 def test_smoke_mode_times_dense_and_every_ratio(tmp_path):
     main = runpy.run_path(str(BENCH))["main"]
-    main(["--smoke", "--ratios", "0.2", "0.6", "--module-calls", "0.6", "--out", str(tmp_path)])
+    main(["--smoke", "--ratios", "0.2", "0.6", "--module-calls", "0.6", "--lm-head", "0.6", "--out", str(tmp_path)])
     results = json.loads((tmp_path / "results.json").read_text())
     params = results["params"]
-    assert list(params) == ["dense", "0.2", "0.6", "0.6 module calls"]
+    assert list(params) == ["dense", "0.2", "0.6", "0.6 module calls", "0.6 +head"]
     assert params["dense"] > params["0.2"] > params["0.6"] == params["0.6 module calls"]
+    # the untied head adds its factors beside the full embedding matrix: 256 x 64 vocab x hidden, rank 19 at 0.6
+    assert params["0.6 +head"] == params["0.6"] + rank_from_ratio(256, 64, 0.6) * (256 + 64)
     assert set(results["prefill"]) == {"1x16", "1x16, last logits", "2x16"}
     assert all(t > 0 for times in results["prefill"].values() for t in times.values())
-    assert set(results["breakdown_decode"]) == {"dense", "0.2", "0.6", "0.6 module calls"}
+    assert set(results["breakdown_decode"]) == {"dense", "0.2", "0.6", "0.6 module calls", "0.6 +head"}
+    # the low-rank head is timed as the LM head, not among the block Linears
+    blocks = results["breakdown_decode"]
+    assert [s["count"] for s in blocks["0.6 +head"]["per_shape"]] == [s["count"] for s in blocks["0.6"]["per_shape"]]
     text = (tmp_path / "results.md").read_text()
     assert "| 0.6 removed |" in text and "| 0.6 removed, module calls |" in text
+    assert "| 0.6 removed, LM head too (untied) |" in text
     assert "Where the time goes, decode" in text
 
 

@@ -155,13 +155,51 @@ def test_tied_lm_head_is_refused_naming_both_modules():
     assert llama.lm_head.weight is llama.model.embed_tokens.weight
     batches = [{"input_ids": torch.randint(3, VOCAB, (2, 8))}]
     state = _state(llama)
-    with pytest.raises(ValueError, match=r"'lm_head' shares its weight with 'model\.embed_tokens'.*untie"):
+    refused = r"'lm_head' shares its weight with 'model\.embed_tokens'.*untie_output_embeddings\(model\)"
+    with pytest.raises(ValueError, match=refused):
         SVDLLM(ratio=0.5, targets="lm_head").compress(llama, batches, progress=False)
     _assert_same_state(llama, state)
     gpt2 = TinyModule("gpt2")  # GPT-2 ties its head by default
     with pytest.raises(ValueError, match=r"'model\.lm_head' shares its weight with 'model\.transformer\.wte'"):
         resolve_targets(gpt2, "lm_head")
     assert len(resolve_targets(gpt2)) == 8  # the default targets have no tied weight
+
+
+def test_untied_lm_head_compresses_and_reloads_untied(tmp_path):
+    """untie_output_embeddings makes a tied head a target: same logits, then a low-rank head that saves and
+    reloads with its own factors while the input embeddings keep the full matrix."""
+    from prehab import load_compressed, save_compressed, untie_output_embeddings
+
+    llama = tiny_llama(tie_word_embeddings=True).eval()
+    ids = torch.randint(3, VOCAB, (2, 8))
+    with torch.no_grad():
+        before = llama(input_ids=ids).logits
+    embeddings = llama.model.embed_tokens.weight.detach().clone()
+    params = sum(p.numel() for p in llama.parameters())
+    assert untie_output_embeddings(llama) is True
+    assert llama.lm_head.weight is not llama.model.embed_tokens.weight and not llama.config.tie_word_embeddings
+    assert sum(p.numel() for p in llama.parameters()) == params + llama.lm_head.weight.numel()
+    with torch.no_grad():
+        torch.testing.assert_close(llama(input_ids=ids).logits, before, rtol=0, atol=0)
+    assert untie_output_embeddings(llama) is False  # already untied: nothing to do
+
+    batches = [{"input_ids": torch.randint(3, VOCAB, (2, 8))} for _ in range(4)]
+    SVDLLM(ratio=0.5, targets=[r"layers\.", "lm_head"]).compress(llama, batches, progress=False)
+    assert isinstance(llama.lm_head, LowRankLinear) and llama.lm_head.rank < VOCAB * 32 // (VOCAB + 32)
+    assert torch.equal(llama.model.embed_tokens.weight, embeddings)
+    with torch.no_grad():
+        compressed = llama(input_ids=ids).logits
+    reloaded = load_compressed(save_compressed(llama, tmp_path / "untied")).eval()
+    assert isinstance(reloaded.lm_head, LowRankLinear) and not reloaded.config.tie_word_embeddings
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, compressed)
+
+
+def test_untie_output_embeddings_refuses_a_model_without_embeddings():
+    from prehab import untie_output_embeddings
+
+    with pytest.raises(ValueError, match=r"untie_output_embeddings: Sequential has no input and output embeddings"):
+        untie_output_embeddings(nn.Sequential(nn.Linear(4, 4)))
 
 
 def test_two_linears_sharing_one_parameter_are_refused():
