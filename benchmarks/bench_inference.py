@@ -75,9 +75,17 @@ def module_calls(model: nn.Module) -> nn.Module:
     return model
 
 
+def _synchronize() -> None:
+    """Wait for queued GPU work (a CUDA call returns before its kernels finish); nothing on the CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def seconds(fn: Callable[[], Any]) -> float:
+    _synchronize()
     started = time.perf_counter()
     fn()
+    _synchronize()
     return time.perf_counter() - started
 
 
@@ -110,7 +118,7 @@ def block_linears(model: nn.Module) -> dict[tuple[int, int, int | None], list[nn
 def layers_time(layers: list[nn.Module], in_features: int, tokens: int, repeats: int) -> float:
     """Median seconds to call each of ``layers`` once, in turn, on ``tokens`` tokens: every call reads its own
     weights, as in the model (one layer looped would keep its weights in cache and flatter small inputs)."""
-    x = torch.randn(1, tokens, in_features)
+    x = torch.randn(1, tokens, in_features, device=next(layers[0].parameters()).device)
 
     def run() -> None:
         for layer in layers:
@@ -162,11 +170,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for ratio in args.lm_head:  # the LM head untied and factorized at the same ratio as the blocks
         models[f"{ratio:g} +head"] = lowrank_copy(dense, ratio, head=True)
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
+    device = torch.device(args.device)
+    models = {name: m.to(device) for name, m in models.items()}
     generator = torch.Generator().manual_seed(0)
-    results: dict[str, Any] = {"threads": torch.get_num_threads(), "params": params, "prefill": {}, "decode": {}}
+    results: dict[str, Any] = {"threads": torch.get_num_threads(), "device": str(device), "params": params,
+                               "prefill": {}, "decode": {}}
     with torch.inference_mode():
         for batch in args.prefill_batches:
-            ids = torch.randint(3, vocab, (batch, args.prefill_tokens), generator=generator)
+            ids = torch.randint(3, vocab, (batch, args.prefill_tokens), generator=generator).to(device)
             results["prefill"][f"{batch}x{args.prefill_tokens}"] = interleaved(
                 {n: (lambda m=m, ids=ids: m(input_ids=ids, use_cache=False)) for n, m in models.items()}, args.repeats
             )
@@ -178,7 +189,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     },
                     args.repeats,
                 )
-        prompt = torch.randint(3, vocab, (1, args.prompt_tokens), generator=generator)
+        prompt = torch.randint(3, vocab, (1, args.prompt_tokens), generator=generator).to(device)
 
         def generate(model: nn.Module, new: int) -> Callable[[], Any]:
             return lambda: model.generate(
@@ -189,7 +200,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         short = interleaved({n: generate(m, 1) for n, m in models.items()}, args.repeats)
         results["decode"] = {n: (long[n] - short[n]) / (args.new_tokens - 1) for n in models}
         if args.breakdown:
-            ids = torch.randint(3, vocab, (1, args.prefill_tokens), generator=generator)
+            ids = torch.randint(3, vocab, (1, args.prefill_tokens), generator=generator).to(device)
             whole = interleaved(
                 {n: (lambda m=m, ids=ids: m(input_ids=ids, use_cache=False)) for n, m in models.items()}, args.repeats
             )
@@ -198,13 +209,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def write_report(results: dict[str, Any], args: argparse.Namespace, out: Path) -> str:
+def write_report(results: dict[str, Any], args: argparse.Namespace, out: Path, stem: str = "results") -> str:
+    """Writes ``OUT/{stem}.md`` and ``OUT/{stem}.json``; returns the markdown."""
     names = list(results["params"])
+    command = getattr(args, "command", None) or " ".join(["python benchmarks/bench_inference.py", *sys.argv[1:]])
     lines = [
         f"# Inference latency, low-rank vs dense ({'smoke: random Llama' if args.smoke else args.model}, "
-        f"{results['threads']} threads, median of {args.repeats})",
+        f"{results['device']}, {results['threads']} CPU threads, median of {args.repeats})",
         "",
-        "Command: `python benchmarks/bench_inference.py " + " ".join(sys.argv[1:]) + "`",
+        f"Command: `{command}`",
         "",
         "| setting | parameters | "
         + " | ".join(f"prefill {k} (ms, x dense)" for k in results["prefill"])
@@ -259,8 +272,8 @@ def write_report(results: dict[str, Any], args: argparse.Namespace, out: Path) -
             count = next(s["count"] for s in results[key]["dense"]["per_shape"] if (s["in"], s["out"]) == (i, o))
             lines.append(f"| {i} x {o} | {count} | {1e6 * dense_s:.1f} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
-    (out / "results.md").write_text(text)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / f"{stem}.md").write_text(text)
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
     return text
 
 
@@ -290,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--breakdown", action="store_true", help="time the Linear layers alone too")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu", help="torch device of the models (e.g. cuda)")
     parser.add_argument("--smoke", action="store_true", help="tiny random Llama, short sequences (for tests)")
     args = parser.parse_args(argv)
     if args.smoke:

@@ -15,6 +15,10 @@ Cases:
 - ``llama7b_blocks``: a random Llama with LLaMA-7B's block shapes (hidden 4096, MLP 11008, 32 heads), 2 blocks,
   in ``--dtype`` (bfloat16), calibrated on 32 random windows of 512 tokens. Statistics are float32 products
   accumulated in float64, as the package always does.
+- ``inference``: ``bench_inference.py`` on the device: SmolLM2-135M (float32) with every block Linear low-rank at
+  20 / 40 / 60% removed, and at 40% with the LM head untied and factorized too, against dense: prefill of 1x512
+  (all logits, and the last position's as ``generate`` runs a prompt), 8x512, and greedy decode per token
+  (writes ``inference.md`` beside ``--out``).
 """
 
 from __future__ import annotations
@@ -112,6 +116,24 @@ def _forward_seconds(model, batches, device) -> float:
     return time.perf_counter() - tick
 
 
+def _inference(args: argparse.Namespace, device: torch.device) -> str:
+    """Prefill and decode latency, low-rank against dense, on ``device`` (bench_inference.py's measurement)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_inference
+
+    options = argparse.Namespace(
+        model=args.model, ratios=[0.2, 0.4, 0.6], module_calls=[], lm_head=[0.4], prefill_tokens=args.seq_len,
+        prefill_batches=[1, 8], prompt_tokens=32, new_tokens=64, repeats=5, breakdown=False, smoke=args.cpu_smoke,
+        device=str(device), command="python benchmarks/gpu_check.py (case inference)",
+    )
+    if args.cpu_smoke:
+        options.prefill_tokens, options.prefill_batches, options.prompt_tokens = 16, [1, 2], 4
+        options.new_tokens, options.repeats = 4, 2
+    out = Path(args.out).parent
+    out.mkdir(parents=True, exist_ok=True)
+    return bench_inference.write_report(bench_inference.run(options), options, out, stem="inference")
+
+
 def _run(case: dict, args: argparse.Namespace, device: torch.device) -> list[dict]:
     from prehab import LowRankLinear
     from prehab.callbacks import METHODS as CALLBACKS
@@ -187,8 +209,8 @@ def main() -> None:
     parser.add_argument("--model", default=str(Path(assets) / "smollm2-135m") if assets else "smollm2-135m")
     parser.add_argument("--data", default=str(Path(data_root) / "wikitext-2-raw"))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--cases", nargs="+", default=["smollm2", "llama7b_blocks"],
-                        choices=["smollm2", "llama7b_blocks"])
+    parser.add_argument("--cases", nargs="+", default=["smollm2", "llama7b_blocks", "inference"],
+                        choices=["smollm2", "llama7b_blocks", "inference"])
     parser.add_argument("--ratio", type=float, default=0.2)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
                         help="dtype of the LLaMA-7B-shaped blocks")
@@ -211,12 +233,15 @@ def main() -> None:
     rows = []
     for case in _cases(args):
         rows += _run(case, args, device)
+    latency = _inference(args, device) if "inference" in args.cases else None
     result = {"device": device_name, "torch": torch.__version__, "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print()
     print(_table(device_name, rows))
+    if latency:
+        print("\n" + latency)
     print(f"\nwrote {out}")
 
 

@@ -226,6 +226,10 @@ def test_gpu_check_script_cpu_smoke(tmp_path):
     for row in result["rows"]:
         assert row["seconds"] > 0 and row["vs_forward"] > 0 and row["lowrank_layers"] > 0
     assert "| method |" in done.stdout and result["device"] in done.stdout
+    # the inference case: dense, three ratios and 40% with the LM head, prefill and decode timed on the device
+    latency = json.loads((tmp_path / "inference.json").read_text())
+    assert list(latency["params"]) == ["dense", "0.2", "0.4", "0.6", "0.4 +head"] and latency["device"] == "cpu"
+    assert all(t > 0 for t in latency["decode"].values()) and "| 0.4 removed, LM head too (untied) |" in done.stdout
     # Without CUDA and without --cpu-smoke: a clear message and a non-zero exit.
     refused = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py")],
