@@ -26,7 +26,7 @@ from prehab.calibration import collect_input_covariances, layer_weight
 from prehab.checks import is_count, is_real
 from prehab.evaluation import TokenPerplexity, causal_lm_labels, evaluating
 from prehab.linalg import damped_cholesky, rank_from_ratio
-from prehab.lowrank import LowRankCheckpointMixin
+from prehab.lowrank import LowRankCheckpointMixin, untie_output_embeddings
 from prehab.regularizers import get_regularizer, stable_rank_exact
 from prehab.targets import resolve_targets
 
@@ -55,6 +55,7 @@ def _check_arguments(
     num_labels: Any,
     pretrained: Any,
     model_kwargs: Any,
+    untie_lm_head: Any,
     lam: Any,
     lam_warmup_steps: Any,
     layer_weights: Any,
@@ -90,6 +91,8 @@ def _check_arguments(
         raise ValueError(f"pretrained={pretrained!r} is invalid: use true or false.")
     if model_kwargs is not None and not isinstance(model_kwargs, Mapping):
         raise ValueError(f"model_kwargs={model_kwargs!r} is invalid: use a dict of keyword arguments or None.")
+    if not isinstance(untie_lm_head, bool):
+        raise ValueError(f"untie_lm_head={untie_lm_head!r} is invalid: use true or false.")
     if not is_real(lam) or lam < 0:
         raise ValueError(
             f"lam={lam!r} is invalid: the penalty weight must be a finite number >= 0 (0 = plain fine-tuning)."
@@ -175,6 +178,9 @@ class PrehabModule(LowRankCheckpointMixin, pl.LightningModule):
         num_labels: classes for classification tasks.
         pretrained: load pretrained weights (False: the architecture from its config, randomly initialized).
         model_kwargs: extra arguments for ``from_pretrained`` / ``AutoConfig`` / ``timm.create_model``.
+        untie_lm_head: give an LM head tied to the input embeddings its own copy of the weight
+            (:func:`prehab.untie_output_embeddings`), so a surgery callback can compress it (``targets`` naming
+            ``lm_head``, with ``SVD`` or ``SVDLLM``). The model grows by the head until it is factored.
         regularizer: ``"stable_rank"`` (randomized sketch), ``"nuclear"`` (exact), ``"tail"`` (energy past the
             target rank), or a callable ``R(A) -> scalar``.
         lam: the penalty weight λ (0 = plain fine-tuning). After surgery (a targeted layer replaced by a
@@ -203,6 +209,7 @@ class PrehabModule(LowRankCheckpointMixin, pl.LightningModule):
         num_labels: int | None = None,
         pretrained: bool = True,
         model_kwargs: dict[str, Any] | None = None,
+        untie_lm_head: bool = False,
         regularizer: str | Callable[[Tensor], Tensor] = "stable_rank",
         lam: float = 1e-3,
         lam_warmup_steps: int = 0,
@@ -224,6 +231,7 @@ class PrehabModule(LowRankCheckpointMixin, pl.LightningModule):
             num_labels,
             pretrained,
             model_kwargs,
+            untie_lm_head,
             lam,
             lam_warmup_steps,
             layer_weights,
@@ -249,6 +257,8 @@ class PrehabModule(LowRankCheckpointMixin, pl.LightningModule):
         )
         self.lr, self.optimizer_factory, self.scheduler_factory = lr, optimizer, scheduler
         self.model = _build_backbone(model, task, num_labels, pretrained, dict(model_kwargs or {}))
+        if untie_lm_head:
+            untie_output_embeddings(self.model)
         if not isinstance(model, nn.Module) or _from_pretrained_default(self.model):
             # Hugging Face's from_pretrained returns eval mode (dropout off) and Lightning keeps module modes:
             # prehab is training, so train like the model was trained. A module given in a mode of the user's

@@ -191,8 +191,8 @@ def _check_not_tied(model: nn.Module, chosen: dict[str, nn.Module]) -> None:
                 f"targets: layer {name!r} shares its weight with {shown} (tied weights, e.g. an LM head tied to "
                 "the input embeddings, or one Linear registered twice). Factoring it would untie them and add "
                 "the factors next to the shared weight, so the model would grow. Exclude it from targets=, or "
-                "untie the weights first (prehab.untie_output_embeddings(model) for an LM head). Nothing was "
-                "modified."
+                "untie the weights first (an LM head: prehab.untie_output_embeddings(model), or PrehabModule's "
+                "untie_lm_head=True in a config). Nothing was modified."
             )
 
 

@@ -84,3 +84,26 @@ def test_control_lam_must_be_a_number(tmp_path):
     with pytest.raises(SystemExit):  # jsonargparse: "Parser key 'control_lam' ... Expected a <class 'float'>"
         cli(["fit", "--config", str(config), "--control_lam", "zero"])
     assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_config_compresses_a_tied_lm_head_after_untie_lm_head(tmp_path):
+    """From a config: untie_lm_head lets SVD-LLM factor byte-llama's tied head; the saved folder reloads untied."""
+    from prehab import LowRankLinear, load_compressed
+
+    out = tmp_path / "out"
+    text = TINY.format(out=out).replace("        compare: [svd]\n", '        targets: ["layers\\\\.", "lm_head"]\n')
+    rehab = "    - class_path: LoRARehab\n      init_args:\n        steps_per_factor: 2\n        lr: 0.001\n"
+    text = text.replace(rehab, "")
+    config = tmp_path / "head.yaml"
+    config.write_text(text.replace("  pretrained: false\n", "  pretrained: false\n  untie_lm_head: true\n"))
+    run = cli(["fit", "--config", str(config)])
+    model = run.model.model
+    assert isinstance(model.lm_head, LowRankLinear) and not model.config.tie_word_embeddings
+    assert model.get_input_embeddings().weight.shape[0] == model.lm_head.out_features
+    reloaded = load_compressed(out / "compressed")
+    assert isinstance(reloaded.lm_head, LowRankLinear) and reloaded.lm_head.rank == model.lm_head.rank
+
+    # without it, the tied head is refused when fit starts, naming the option
+    config.write_text(text)
+    with pytest.raises(ValueError, match=r"untie_lm_head=True"):
+        cli(["fit", "--config", str(config)])
