@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM
 
 from prehab import untie_output_embeddings
 from prehab.callbacks import AASVD, SAESSVD, SVD, SVDLLM
-from prehab.datamodules import WikiText
+from prehab.datamodules import PTB, WikiText
 from prehab.evaluation import perplexity
 from prehab.stats import calibration_forward_context
 
@@ -76,6 +76,8 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=24)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0, help="calibration draw (the windows drawn from valid)")
+    parser.add_argument("--ptb", help="PTB folder (../shared/data/ptb): adds PTB test perplexity (out of domain)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -89,11 +91,15 @@ def main() -> None:
         calibration_samples=args.calibration_samples,
         max_eval_windows=args.eval_windows,
         batch_size=4,
-        seed=0,
+        seed=args.seed,
     )
     data.setup("test")
     calibration = list(data.calibration_dataloader())
     test = data.test_dataloader()
+    ptb = None
+    if args.ptb:
+        ptb = PTB(dataset=args.ptb, tokenizer=args.model, seq_len=args.seq_len).windows("test", args.eval_windows)
+        ptb = ptb.as_tensor()
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -112,11 +118,16 @@ def main() -> None:
     print(
         "| method | ratio | perplexity | compression (s) | / plain forward | peak RSS above start (MiB) "
         "| dense model (MiB) | calibration (s) | calibration / plain forward | parameters |"
+        + (" PTB |" if ptb is not None else "")
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if ptb is not None else ""))
     params = sum(p.numel() for p in model.parameters())
-    print(f"| dense | - | {dense_ppl:.2f} | - | - | - | {dense_bytes / 2**20:.0f} | - | - | {params / 1e6:.1f} M |",
-          flush=True)
+
+    def ptb_cell(m: torch.nn.Module) -> str:
+        return "" if ptb is None else f" {perplexity(m, ptb, batch_size=4):,.2f} |"
+
+    print(f"| dense | - | {dense_ppl:.2f} | - | - | - | {dense_bytes / 2**20:.0f} | - | - | {params / 1e6:.1f} M |"
+          + ptb_cell(model), flush=True)
     for ratio in args.ratios:
         for name in args.methods:
             compressed = copy.deepcopy(model)
@@ -133,7 +144,7 @@ def main() -> None:
                 f"| {name} | {ratio:g} | {ppl:,.2f} | {seconds:.1f} | {seconds / forward_seconds:.2f}x "
                 f"| {(memory.peak - memory.start) / 2**20:.0f} | {dense_bytes / 2**20:.0f} "
                 f"| {calibration_seconds:.1f} | {calibration_seconds / forward_seconds:.2f}x "
-                f"| {sum(p.numel() for p in compressed.parameters()) / 1e6:.1f} M |",
+                f"| {sum(p.numel() for p in compressed.parameters()) / 1e6:.1f} M |" + ptb_cell(compressed),
                 flush=True,
             )
             del compressed
