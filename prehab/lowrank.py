@@ -201,8 +201,9 @@ def untie_output_embeddings(model: nn.Module) -> bool:
             "with targets= if it is already a separate Linear."
         )
     embeddings, head = layers
+    pointer = head.weight.data_ptr()  # 0 for meta tensors: only identity tells
     tied = embeddings.weight is head.weight or (
-        embeddings.weight.data_ptr() == head.weight.data_ptr() and embeddings.weight.shape == head.weight.shape
+        pointer != 0 and embeddings.weight.data_ptr() == pointer and embeddings.weight.shape == head.weight.shape
     )
     if not tied:
         return False
