@@ -195,6 +195,23 @@ def test_untied_lm_head_compresses_and_reloads_untied(tmp_path):
         torch.testing.assert_close(reloaded(input_ids=ids).logits, compressed)
 
 
+def test_two_stream_blocks_then_a_one_stream_head():
+    """AA-SVD refuses layers outside the blocks; the head is compressed after it by SVD-LLM, from the statistics
+    of the already compressed model (what the head will see), leaving the blocks' factors alone."""
+    from prehab import untie_output_embeddings
+
+    llama = tiny_llama(tie_word_embeddings=True).eval()
+    untie_output_embeddings(llama)
+    batches = [{"input_ids": torch.randint(3, VOCAB, (2, 8))} for _ in range(4)]
+    with pytest.raises(ValueError, match=r"outside the repeated blocks.*lm_head"):
+        AASVD(ratio=0.4, targets=[r"layers\.", "lm_head"]).compress(llama, batches, progress=False)
+    AASVD(ratio=0.4).compress(llama, batches, progress=False)
+    blocks = {n: m.weight.detach().clone() for n, m in llama.named_modules() if isinstance(m, LowRankLinear)}
+    report = SVDLLM(ratio=0.4, targets="lm_head").compress(llama, batches, progress=False)
+    assert [layer.name for layer in report.layers] == ["lm_head"] and isinstance(llama.lm_head, LowRankLinear)
+    assert all(torch.equal(llama.get_submodule(n).weight, w) for n, w in blocks.items())
+
+
 def test_untie_output_embeddings_refuses_a_model_without_embeddings():
     from prehab import untie_output_embeddings
 
