@@ -258,7 +258,10 @@ class PrehabModule(LowRankCheckpointMixin, pl.LightningModule):
         self.lr, self.optimizer_factory, self.scheduler_factory = lr, optimizer, scheduler
         self.model = _build_backbone(model, task, num_labels, pretrained, dict(model_kwargs or {}))
         if untie_lm_head:
-            untie_output_embeddings(self.model)
+            try:
+                untie_output_embeddings(self.model)
+            except ValueError as err:
+                raise ValueError(f"untie_lm_head=True is invalid for this model: {err}") from err
         if not isinstance(model, nn.Module) or _from_pretrained_default(self.model):
             # Hugging Face's from_pretrained returns eval mode (dropout off) and Lightning keeps module modes:
             # prehab is training, so train like the model was trained. A module given in a mode of the user's

@@ -217,6 +217,12 @@ def test_untie_output_embeddings_refuses_a_model_without_embeddings():
 
     with pytest.raises(ValueError, match=r"untie_output_embeddings: Sequential has no input and output embeddings"):
         untie_output_embeddings(nn.Sequential(nn.Linear(4, 4)))
+    from prehab import PrehabModule
+
+    with pytest.raises(ValueError, match=r"untie_lm_head=True is invalid for this model: .*Sequential"):
+        PrehabModule(model=nn.Sequential(nn.Linear(4, 4)), task="regression", untie_lm_head=True)
+    with pytest.raises(ValueError, match=r"untie_lm_head='yes' is invalid: use true or false"):
+        PrehabModule(model=tiny_llama(), untie_lm_head="yes")
 
 
 def test_two_linears_sharing_one_parameter_are_refused():
