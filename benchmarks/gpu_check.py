@@ -121,6 +121,8 @@ def _inference(args: argparse.Namespace, device: torch.device) -> str:
     sys.path.insert(0, str(REPO / "benchmarks"))
     import bench_inference
 
+    if not args.cpu_smoke and not Path(args.model).exists():
+        sys.exit(f"gpu_check: --model {args.model} does not exist; pass --model or set PREHAB_ASSETS.")
     options = argparse.Namespace(
         model=args.model, ratios=[0.2, 0.4, 0.6], module_calls=[], lm_head=[0.4], prefill_tokens=args.seq_len,
         prefill_batches=[1, 8], prompt_tokens=32, new_tokens=64, repeats=5, breakdown=False, smoke=args.cpu_smoke,
