@@ -14,7 +14,8 @@ number of tokens):
 
 One-stream SVD-LLM runs with ``statistics_budget_gb=0`` (block by block) and with the whole-model pass, to show
 what the budget buys; ``aa_svd_rerun``/``saes_svd_rerun`` run the two-stream methods without the dense-input cache
-(``dense_cache_gb=0``), to show what it saves.
+(``dense_cache_gb=0``), to show what it saves; ``aa_svd_onepass``/``saes_svd_onepass`` calibrate every group of a
+block from one compressed-stream pass (``true_sequential=False``).
 """
 
 from __future__ import annotations
@@ -36,8 +37,17 @@ SMOKE_SHAPES = {"hidden": 64, "mlp": 160, "heads": 4, "vocab": 128}
 # Calibration sets of the papers' LLaMA-7B timings: SVD-LLM 256 x 2048 tokens; SAES-SVD 128 x 2048 (its Table
 # R3-1: 0.5 h in all for SAES-SVD against 4.1 h for SVD-LLM with its fine-tuning, A6000).
 PAPER_TOKENS = {"svd_llm": 256 * 2048, "svd_llm_one_pass": 256 * 2048, "aa_svd": 256 * 2048, "saes_svd": 128 * 2048}
-PAPER_TOKENS.update({"aa_svd_rerun": PAPER_TOKENS["aa_svd"], "saes_svd_rerun": PAPER_TOKENS["saes_svd"]})
-VARIANTS = ("svd_llm", "svd_llm_one_pass", "aa_svd", "saes_svd", "aa_svd_rerun", "saes_svd_rerun")
+PAPER_TOKENS.update({f"{m}_{v}": PAPER_TOKENS[m] for m in ("aa_svd", "saes_svd") for v in ("rerun", "onepass")})
+VARIANTS = (
+    "svd_llm",
+    "svd_llm_one_pass",
+    "aa_svd",
+    "saes_svd",
+    "aa_svd_rerun",
+    "saes_svd_rerun",
+    "aa_svd_onepass",
+    "saes_svd_onepass",
+)
 
 
 def _status(field: str) -> int:
@@ -79,6 +89,9 @@ def child(variant: str, blocks: int, windows: int, seq_len: int, smoke: bool) ->
         # the dense block rerun per layer group (dense_cache_gb=0): the pipeline before the dense-input cache
         "aa_svd_rerun": lambda: AASVD(**options, dense_cache_gb=0),
         "saes_svd_rerun": lambda: SAESSVD(**options, dense_cache_gb=0),
+        # one compressed-stream pass per block for all its groups (true_sequential=False, GPTQ's option)
+        "aa_svd_onepass": lambda: AASVD(**options, true_sequential=False),
+        "saes_svd_onepass": lambda: SAESSVD(**options, true_sequential=False),
     }[variant]()
     Path("/proc/self/clear_refs").write_text("5")  # the peak so far (building the model) does not count
     before = _status("VmRSS")

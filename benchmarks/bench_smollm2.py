@@ -42,6 +42,9 @@ METHODS = {
     # dense_cache_gb=0: the dense block rerun for every group of layers, as before the dense-input cache (issue 12)
     "aa_svd_rerun": lambda r, n: AASVD(ratio=r, calibration_batches=n, ridge=0.0, dense_cache_gb=0),
     "saes_svd_rerun": lambda r, n: SAESSVD(ratio=r, calibration_batches=n, ridge=0.0, dense_cache_gb=0),
+    # true_sequential=False: one compressed-stream pass per block for all its groups (GPTQ's option; issue 12)
+    "aa_svd_onepass": lambda r, n: AASVD(ratio=r, calibration_batches=n, ridge=0.0, true_sequential=False),
+    "saes_svd_onepass": lambda r, n: SAESSVD(ratio=r, calibration_batches=n, ridge=0.0, true_sequential=False),
 }
 
 

@@ -222,6 +222,14 @@ class LowRankCompression(Callback):
             0.75-0.79x on SmolLM2, same factors: ``benchmarks/RESULTS.md`` §9).
             A block whose inputs would not fit runs the dense block per group. SmolLM2-135M with 8k calibration
             tokens needs ~0.1 GiB, LLaMA-7B with 256 x 2048 tokens ~46 GiB in float32. 0: never keep them.
+        true_sequential: two-stream methods: ``True`` (default, exact, the papers'): a block's layer groups are
+            solved one after another, each from the compressed model's inputs with the block's earlier groups
+            already low-rank (q/k/v before o, gate/up before down). ``False`` (GPTQ's option of the same name): all
+            groups of a block from one pass of the compressed stream with the block still dense, so a layer does
+            not see the error of earlier layers in its own block (earlier blocks' errors still propagate); one pass
+            of the compressed stream per block instead of one per group (``benchmarks/RESULTS.md`` §9: time and
+            perplexity). Needs both streams' layer inputs within ``dense_cache_gb`` (else that block runs
+            true-sequential, with a warning).
     """
 
     method: ClassVar[str] = "lowrank"
@@ -255,6 +263,7 @@ class LowRankCompression(Callback):
         refine_lr: float = DEFAULT_REFINE_LR,
         statistics_budget_gb: float = 2.0,
         dense_cache_gb: float = DENSE_CACHE_GB,
+        true_sequential: bool = True,
     ) -> None:
         if ratio is not None and ratios is not None:
             raise ValueError(
@@ -339,6 +348,13 @@ class LowRankCompression(Callback):
                 "0: the two-stream pipeline reruns the dense block per group of layers instead of keeping its inputs)."
             )
         self.dense_cache_gb = float(dense_cache_gb)
+        self.true_sequential = _check_flag("true_sequential", true_sequential)
+        if not self.true_sequential and not self.two_stream:
+            raise ValueError(
+                f"true_sequential=False needs a two-stream method (AASVD, SAESSVD, or SVDLLM with propagate=True); "
+                f"{type(self).__name__} collects its statistics in one pass of the original model, with no groups "
+                "solved in sequence. Use true_sequential=True."
+            )
         self.rank_allocation, self.min_kept_fraction = rank_allocation, float(min_kept_fraction)
         self.allocation_weighting = allocation_weighting
         self.refine_steps, self.refine_lr = refine_steps, float(refine_lr)
@@ -396,6 +412,7 @@ class LowRankCompression(Callback):
             "allocation_weighting": self.allocation_weighting,
             "statistics_budget_gb": self.statistics_budget_gb,
             "dense_cache_gb": self.dense_cache_gb,
+            "true_sequential": self.true_sequential,
             "evaluate": False,
             "plots": False,
         }
@@ -504,6 +521,8 @@ class LowRankCompression(Callback):
             kwargs = self.method_kwargs()
             if not METHODS[name].requires_calibration:
                 kwargs["ridge"] = None
+            if not METHODS[name].two_stream:  # one-stream methods have no groups solved in sequence
+                kwargs["true_sequential"] = True
             return METHODS[name](**kwargs)
 
         runs = [(compared(name), ratio) for name in self.compare for ratio in self.ratios]
@@ -686,6 +705,7 @@ class LowRankCompression(Callback):
                 if self.reads_original_covariance
                 else set(self._spectrum_names if self.plots else ()),
                 dense_cache_gb=self.dense_cache_gb,
+                true_sequential=self.true_sequential,
             )
             for name in unused:
                 solve_group([name], None, 0)

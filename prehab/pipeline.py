@@ -16,7 +16,9 @@ the order the model runs them:
    is rerun per group like the compressed one) and each target's ``‖W x‖²`` taken from its outputs. For
    each group the compressed stream is run until each layer has made its calls (early exit), every
    call's input rows go into the statistics, the group is solved, and its layers are swapped in, so
-   later groups see it (q/k/v before o, ...). Groups are derived per block, and verified on every
+   later groups see it (q/k/v before o, ...; ``true_sequential=False`` instead records the compressed
+   stream's inputs of every group in one pass with the block still dense, like the dense stream's, and
+   solves every group from them). Groups are derived per block, and verified on every
    batch: layers that stop sharing their inputs get statistics of their own, and layers the probe did
    not see are collected last. ``G = XXᵀ`` is collected only for the groups a caller asks for
    (``original_covariance``): the solvers read ``H`` and ``C``, the report's error needs only ``‖W x‖²``;
@@ -461,8 +463,10 @@ def _record_dense(
     masks: list[Tensor | None],
     runner: _Runner,
     keep_outputs: bool,
+    energies: bool = True,
 ) -> _DenseInputs:
-    """Run the (dense) stage once per batch with every target's inputs and output energies recorded."""
+    """Run the (dense) stage once per batch with every target's inputs (and, with ``energies``, the targets'
+    output energies) recorded."""
     calls: list[dict[str, list[Any]]] = []
     device = dense_weight(next(iter(targets.values()))).device
     energy = {name: torch.zeros((), dtype=torch.float64, device=device) for name in targets}
@@ -488,7 +492,7 @@ def _record_dense(
                 rows = rows - bias.detach().to(torch.float64)
             energy[name] += rows.square().sum().to(device)
 
-        with _hooks(targets, record), _output_hooks(targets, output):
+        with _hooks(targets, record), _output_hooks(targets if energies else {}, output):
             out = runner(stage, batch)
         if outputs is not None:
             outputs.append(runner.store(_hidden(out).detach()))
@@ -550,6 +554,7 @@ def _collect(
     where: str,
     dense_inputs: _DenseInputs | None = None,
     original_covariance: bool = True,
+    shifted_inputs: _DenseInputs | None = None,
 ) -> tuple[list[GroupStatistics], list | None] | None:
     """Both streams' statistics of ``members`` over all batches, every call of every member counted.
 
@@ -559,6 +564,8 @@ def _collect(
     ``masks[b]``: batch ``b``'s real tokens (None: every row counts; see :func:`~prehab.stats.token_rows`).
     ``dense_inputs``: the original stream's inputs recorded by one full dense pass (the dense stage is then not
     run again); its energies go into the statistics, and ``G`` is left out unless ``original_covariance``.
+    ``shifted_inputs``: the compressed stream's inputs recorded likewise, before any group of the stage was
+    solved (``true_sequential=False``); the compressed stage is then not run either.
     """
     names = list(members)
     shared = expected is not None and len(names) > 1
@@ -578,7 +585,10 @@ def _collect(
             with dense_view():  # full run when its outputs are kept: they are the next block's original inputs
                 stop = None if keep_outputs else expected
                 seen_original = _run_recording(stage, members, original, runner, stop, outputs)
-        seen_shifted = _run_recording(stage, members, shifted, runner, expected, None)
+        if shifted_inputs is not None:
+            seen_shifted = shifted_inputs.batch(batch_index, names)
+        else:
+            seen_shifted = _run_recording(stage, members, shifted, runner, expected, None)
         for index, name in enumerate(names):
             xs, ys = seen_original[name], seen_shifted[name]
             if len(xs) != len(ys) or any(_rows(x) != _rows(y) for x, y in zip(xs, ys, strict=False)):
@@ -624,6 +634,7 @@ def _compress_stage(
     keep_outputs: bool,
     original_covariance: Collection[str] | None = None,
     cache_bytes: float = 0.0,
+    true_sequential: bool = True,
 ) -> tuple[list[str], list | None]:
     """Solve and swap in the stage's targets (names relative to the stage), group after group.
 
@@ -634,6 +645,8 @@ def _compress_stage(
     When the original stream's inputs of every target fit ``cache_bytes`` (estimated from the probe batch),
     the dense stage runs once per batch for all groups (:class:`_DenseInputs`) instead of once per group, and
     ``G`` is collected only for groups with a layer in ``original_covariance`` (full names; None: every group).
+    Without ``true_sequential`` the compressed stream's inputs of every target are recorded the same way, in one
+    pass with the stage still dense (when they fit too), so every group is solved from them.
     """
     if not targets:
         return [], None
@@ -642,10 +655,21 @@ def _compress_stage(
     passes = [(group, True) for group in structure.groups]
     if structure.uncalled:  # not called on the probe batch: maybe on others (routing, data-dependent code)
         passes.append((structure.uncalled, False))
-    dense_inputs = None
-    if not runner.whole_model and _broadcast(_cache_estimate(structure, streams[0]) <= cache_bytes):
+    dense_inputs = shifted_inputs = None
+    estimate = 0.0 if runner.whole_model else _broadcast(_cache_estimate(structure, streams[0]))
+    if not runner.whole_model and estimate <= cache_bytes:
         with _dense(model, originals, root):
             dense_inputs = _record_dense(stage, targets, streams[0], masks, runner, keep_outputs)
+    if not true_sequential and not runner.whole_model:
+        if (1 + (dense_inputs is not None)) * estimate <= cache_bytes:
+            shifted_inputs = _record_dense(stage, targets, streams[1], masks, runner, False, energies=False)
+        else:
+            warnings.warn(
+                f"true_sequential=False: block {root!r}'s layer inputs of both streams (~{2 * estimate / 2**30:.2f} "
+                f"GiB) do not fit dense_cache_gb={cache_bytes / 2**30:g}, so its groups are calibrated one after "
+                "another (true_sequential=True). Raise dense_cache_gb to calibrate them in one pass.",
+                stacklevel=2,
+            )
     unused: list[str] = []
     outputs: list | None = None if dense_inputs is None else dense_inputs.outputs
     for pass_index, (names, probed) in enumerate(passes):
@@ -654,6 +678,7 @@ def _compress_stage(
         args = (stage, members)
         wants_g = original_covariance is None or any(prefix + n in original_covariance for n in names)
         rest = (streams, masks, runner, lambda: _dense(model, originals, root), keep, prefix, dense_inputs, wants_g)
+        rest += (shifted_inputs,)
         collected = _collect(*args, {n: structure.calls[n] for n in names} if probed else None, *rest)
         if collected is None:  # the members did not always share their inputs: one statistic each
             collected = _collect(*args, None, *rest)
@@ -683,6 +708,7 @@ def sequential_compress(
     rollback: RollbackStore | None = None,
     original_covariance: Collection[str] | None = None,
     dense_cache_gb: float = DENSE_CACHE_GB,
+    true_sequential: bool = True,
 ) -> list[str]:
     """Compress ``targets`` block by block from two calibration streams, calling ``solve`` per group.
 
@@ -711,6 +737,13 @@ def sequential_compress(
             target over all batches, so that the dense block runs once per block instead of once per group of
             layers. Blocks whose inputs would not fit run the dense stream per group (the
             results are the same to float round-off). 0: never cache.
+        true_sequential: solve a block's groups one after another, each from the compressed stream with the
+            block's earlier groups already swapped in (q/k/v before o, ...; exact, the papers'). False (GPTQ's
+            ``true_sequential=False``): every group of a block from one pass of the compressed stream with the
+            block still dense, so later groups do not see the error of earlier ones in the same block (earlier
+            blocks' still propagates); one compressed-stream pass per block instead of one per group. Needs both
+            streams' layer inputs within ``dense_cache_gb``; a block where they do not fit runs true-sequential
+            (with a warning). Models without a repeated block always run true-sequential.
 
     Returns:
         Names of targets that never received an input (left dense).
@@ -787,6 +820,7 @@ def sequential_compress(
                         refine,
                         original_covariance,
                         dense_cache_gb * 2**30,
+                        true_sequential,
                     )
             return unused
         except BaseException:
@@ -908,6 +942,7 @@ def _compress_stack(
     refine: BlockRefiner | None = None,
     original_covariance: Collection[str] | None = None,
     cache_bytes: float = 0.0,
+    true_sequential: bool = True,
 ) -> list[str]:
     # Earlier stacks' dense layers (e.g. the encoder's, for the decoder's inputs) come back for this one pass.
     with store.loaded() as earlier, _dense(model, {**earlier, **originals}, ""):
@@ -936,6 +971,7 @@ def _compress_stack(
             more or refine is not None,
             original_covariance,
             cache_bytes,
+            true_sequential,
         )
         unused += missing
         factors = [

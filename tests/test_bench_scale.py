@@ -11,9 +11,10 @@ BENCH = Path(__file__).parent.parent / "benchmarks" / "bench_scale.py"
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc peak-RSS reset")
 def test_smoke_mode_measures_one_and_two_blocks_and_projects(tmp_path):
     main = runpy.run_path(str(BENCH))["main"]
-    rows = main(["--smoke", "--variants", "svd_llm", "aa_svd_rerun", "--out", str(tmp_path)])
+    rows = main(["--smoke", "--variants", "svd_llm", "aa_svd_rerun", "saes_svd_onepass", "--out", str(tmp_path)])
     assert [(r["variant"], r["blocks"]) for r in rows] == [
-        ("svd_llm", 1), ("svd_llm", 2), ("aa_svd_rerun", 1), ("aa_svd_rerun", 2)
+        ("svd_llm", 1), ("svd_llm", 2), ("aa_svd_rerun", 1), ("aa_svd_rerun", 2),
+        ("saes_svd_onepass", 1), ("saes_svd_onepass", 2),
     ]
     for row in rows:
         assert row["peak_extra_mib"] > 0 and row["seconds"]["total"] > 0 and row["tokens"] == 32

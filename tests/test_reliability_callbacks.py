@@ -55,6 +55,8 @@ def test_bad_targets_and_blocks_fail_before_the_first_training_step(kwargs, matc
         (AASVD, {"ridge": math.nan}, r"ridge=nan is invalid"),
         (AASVD, {"dense_cache_gb": -1}, r"dense_cache_gb=-1 is invalid: use a number of GiB >= 0"),
         (SAESSVD, {"dense_cache_gb": "4"}, r"dense_cache_gb='4' is invalid"),
+        (AASVD, {"true_sequential": "no"}, r"true_sequential='no' is invalid: use true or false"),
+        (SVDLLM, {"true_sequential": False}, r"true_sequential=False needs a two-stream method.*true_sequential=True"),
         (SAESSVD, {"ridge": "0.01"}, r"ridge='0.01' is invalid"),
         (SVD, {"ridge": 0.1}, r"ridge=0.1 has no effect on SVD.*use ridge=0, or an activation-aware method"),
         (SAESSVD, {"beta": "0.5"}, r"beta='0.5' is invalid: use a number in \[0, 1\]"),

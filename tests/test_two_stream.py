@@ -1,6 +1,7 @@
 """AA-SVD, SAES-SVD (CEALC + ACES) and the two-stream block-sequential pipeline."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -150,13 +151,20 @@ def _inputs_of(module, name, loader):
     return torch.cat(rows).double()
 
 
+def _block_of(name):
+    return int(re.search(r"\.(\d+)\.", name).group(1))
+
+
+@pytest.mark.parametrize("true_sequential", [True, False])
 @pytest.mark.parametrize("kind", ["llama", "bert"])
-def test_pipeline_statistics_equal_slow_full_model_reference(kind):
+def test_pipeline_statistics_equal_slow_full_model_reference(kind, true_sequential):
+    """Each group's H, C, G against full forwards of an uncached model: true-sequential, every earlier group
+    compressed; without it (GPTQ's option), every layer of earlier blocks compressed and its own block dense."""
     torch.manual_seed(0)
     dense = TinyModule(kind)
     loader = loader_for(kind, n=12, batch_size=4)
     compressed = copy.deepcopy(dense)
-    callback = Recording(ratio=0.5, calibration_batches=3)
+    callback = Recording(ratio=0.5, calibration_batches=3, true_sequential=true_sequential)
     callback.compress(compressed, loader, progress=False)
     assert len(callback.seen) == (14 if kind == "llama" else 12)
     # Groups: consecutive layers solved from the very same statistics (q/k/v share one input).
@@ -172,11 +180,15 @@ def test_pipeline_statistics_equal_slow_full_model_reference(kind):
         assert group_of["model.model.layers.0.mlp.down_proj"] > group_of["model.model.layers.0.mlp.up_proj"]
 
     shifted = [name for name, stats, _ in callback.seen if (stats["H"] - stats["G"]).norm() > 1e-6 * stats["G"].norm()]
-    assert len(shifted) >= len(order) - 3  # only block 0's first group sees unshifted inputs
+    if true_sequential:
+        assert len(shifted) >= len(order) - 3  # only block 0's first group sees unshifted inputs
+    else:  # block 0 is calibrated on the dense model's inputs, every later block on shifted ones
+        assert shifted == [name for name in order if _block_of(name) > 0]
     for name, stats, _ in callback.seen:
-        partial = copy.deepcopy(dense)  # the model with every earlier group replaced, nothing cached
+        partial = copy.deepcopy(dense)  # the model with every earlier group (or block) replaced, nothing cached
         for other in order:
-            if group_of[other] < group_of[name]:
+            earlier = group_of[other] < group_of[name] if true_sequential else _block_of(other) < _block_of(name)
+            if earlier:
                 parent, _, child = other.rpartition(".")
                 setattr(partial.get_submodule(parent), child, copy.deepcopy(compressed.get_submodule(other)))
         x, x_hat = _inputs_of(dense, name, loader), _inputs_of(partial, name, loader)
@@ -378,6 +390,42 @@ def test_dense_block_runs_once_per_block_with_the_same_factors_and_errors(kind):
     assert all(a == pytest.approx(b, rel=1e-5, abs=1e-7) for a, b in errors) and max(b for _, b in errors) > 1e-2
     groups = {"llama": 4, "gpt2": 4, "bert": 4, "vit": 4}[kind]  # q/k/v (or fused qkv), o, up (or up/gate), down
     assert rerun_calls - cached_calls == (groups - 1) * len(loader)
+
+
+def test_without_true_sequential_the_compressed_stream_runs_once_per_block():
+    """``true_sequential=False``: one compressed-stream pass per block instead of one per group (3 x batches fewer
+    block calls for 4 groups), block 0's first group solved as before and a later group differently; when both
+    streams' inputs do not fit ``dense_cache_gb`` it warns and runs true-sequential (the same factors)."""
+    from prehab.targets import find_block_stacks
+
+    torch.manual_seed(0)
+    base = TinyModule("llama")
+    loader = loader_for("llama", n=12, batch_size=4)
+    runs = {}
+    for sequential, cache in ((True, 4.0), (False, 4.0), (True, 0.0), (False, 0.0)):
+        model, calls = copy.deepcopy(base), []
+        (_, stack), *_ = find_block_stacks(model)
+        handle = stack[0].register_forward_pre_hook(lambda *_, _calls=calls: _calls.append(1))
+        callback = AASVD(ratio=0.5, plots=False, true_sequential=sequential, dense_cache_gb=cache)
+        if not sequential and not cache:
+            with pytest.warns(UserWarning, match=r"true_sequential=False: block .* do not fit dense_cache_gb=0"):
+                callback.compress(model, loader, progress=False)
+        else:
+            callback.compress(model, loader, progress=False)
+        handle.remove()
+        runs[sequential, cache] = (model, len(calls))
+    (exact, exact_calls), (one_pass, one_pass_calls) = runs[True, 4.0], runs[False, 4.0]
+    assert exact_calls - one_pass_calls == 3 * len(loader)
+    first, later = "model.model.layers.0.self_attn.q_proj", "model.model.layers.0.mlp.down_proj"
+    torch.testing.assert_close(one_pass.get_submodule(first).up.weight, exact.get_submodule(first).up.weight)
+    assert not torch.allclose(one_pass.get_submodule(later).up.weight, exact.get_submodule(later).up.weight)
+    for name, module in runs[True, 0.0][0].named_modules():
+        if isinstance(module, LowRankLinear):
+            torch.testing.assert_close(runs[False, 0.0][0].get_submodule(name).up.weight, module.up.weight)
+    # compare= one-stream methods get the default (they have no groups in sequence), two-stream ones the option
+    sweep = AASVD(ratio=0.5, compare=["svd_llm", "saes_svd"], true_sequential=False, plots=False)
+    report = sweep.sweep(copy.deepcopy(base), loader, progress=False)
+    assert [row.method for row in report.sweep] == ["svd_llm", "saes_svd", "aa_svd"]
 
 
 def test_only_the_spectrum_layers_carry_the_original_covariance():
