@@ -174,6 +174,17 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return old
 
 
+def storage_key(tensor: Tensor) -> object:
+    """Two parameters with the same key are one weight (tied), also when they are distinct ``Parameter`` objects."""
+    try:
+        pointer = tensor.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. some subclasses)
+        pointer = 0
+    if not pointer:  # meta tensors: only identity tells
+        return id(tensor)
+    return pointer, tensor.storage_offset(), tuple(tensor.shape), tensor.stride()
+
+
 def untie_output_embeddings(model: nn.Module) -> bool:
     r"""Give a model's output layer (the LM head) its own copy of the weight it shares with the input embeddings.
 
@@ -201,11 +212,7 @@ def untie_output_embeddings(model: nn.Module) -> bool:
             "with targets= if it is already a separate Linear."
         )
     embeddings, head = layers
-    pointer = head.weight.data_ptr()  # 0 for meta tensors: only identity tells
-    tied = embeddings.weight is head.weight or (
-        pointer != 0 and embeddings.weight.data_ptr() == pointer and embeddings.weight.shape == head.weight.shape
-    )
-    if not tied:
+    if storage_key(embeddings.weight) != storage_key(head.weight):  # the same test as the targets' tied check
         return False
     head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
     config = getattr(model, "config", None)

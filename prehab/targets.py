@@ -11,9 +11,9 @@ import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 
-from torch import Tensor, nn
+from torch import nn
 
-from prehab.lowrank import LowRankLinear, is_dense_linear
+from prehab.lowrank import LowRankLinear, is_dense_linear, storage_key
 
 __all__ = ["find_block_stacks", "find_blocks", "resolve_targets"]
 
@@ -163,17 +163,6 @@ def _lowrank_names(model: nn.Module) -> dict[str, str]:
     return names
 
 
-def _storage_key(tensor: Tensor) -> object:
-    """Two parameters with the same key are one weight (tied), also when they are distinct ``Parameter`` objects."""
-    try:
-        pointer = tensor.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. some subclasses)
-        pointer = 0
-    if not pointer:  # meta tensors: only identity tells
-        return id(tensor)
-    return pointer, tensor.storage_offset(), tuple(tensor.shape), tensor.stride()
-
-
 def _check_not_tied(model: nn.Module, chosen: dict[str, nn.Module]) -> None:
     """Refuse targets whose weight is also used by another module (tied embeddings, shared layers).
 
@@ -182,9 +171,9 @@ def _check_not_tied(model: nn.Module, chosen: dict[str, nn.Module]) -> None:
     """
     users: dict[object, list[str]] = defaultdict(list)
     for param_name, param in model.named_parameters(remove_duplicate=False):
-        users[_storage_key(param)].append(param_name.rpartition(".")[0])
+        users[storage_key(param)].append(param_name.rpartition(".")[0])
     for name, module in chosen.items():
-        others = sorted({owner for owner in users[_storage_key(module.weight)] if owner != name})
+        others = sorted({owner for owner in users[storage_key(module.weight)] if owner != name})
         if others:
             shown = ", ".join(repr(o) for o in others[:4])
             raise ValueError(
