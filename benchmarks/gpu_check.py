@@ -34,7 +34,13 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("svd_llm", "aa_svd", "saes_svd")
+# name -> (callback, extra arguments); *_onepass: true_sequential=False (one compressed-stream pass per block)
+METHODS = {
+    "svd_llm": ("svd_llm", {}),
+    "aa_svd": ("aa_svd", {}),
+    "saes_svd": ("saes_svd", {}),
+    "saes_svd_onepass": ("saes_svd", {"true_sequential": False}),
+}
 
 
 def _sync(device: torch.device) -> None:
@@ -152,7 +158,8 @@ def _run(case: dict, args: argparse.Namespace, device: torch.device) -> list[dic
     print(f"[{case['name']}] {dtype}, one plain forward over the calibration set: {forward:.2f} s", flush=True)
     for method in args.methods:
         model = copy.deepcopy(dense)
-        callback = CALLBACKS[method](ratio=args.ratio, calibration_batches=len(calibration), plots=False)
+        name, extra = METHODS[method]
+        callback = CALLBACKS[name](ratio=args.ratio, calibration_batches=len(calibration), plots=False, **extra)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)

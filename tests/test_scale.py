@@ -222,7 +222,7 @@ def test_gpu_check_script_cpu_smoke(tmp_path):
     import json
 
     result = json.loads(out.read_text())
-    assert [row["method"] for row in result["rows"]] == ["svd_llm", "aa_svd", "saes_svd"]
+    assert [row["method"] for row in result["rows"]] == ["svd_llm", "aa_svd", "saes_svd", "saes_svd_onepass"]
     for row in result["rows"]:
         assert row["seconds"] > 0 and row["vs_forward"] > 0 and row["lowrank_layers"] > 0
     assert "| method |" in done.stdout and result["device"] in done.stdout
