@@ -1,5 +1,6 @@
 """Issue 12 (scale to 7B-class models): rollback copies off the device, half-precision models, the GPU check script."""
 
+import math
 import os
 import subprocess
 import sys
@@ -229,7 +230,9 @@ def test_gpu_check_script_cpu_smoke(tmp_path):
     # the inference case: dense, three ratios and 40% with the LM head, prefill and decode timed on the device
     latency = json.loads((tmp_path / "inference.json").read_text())
     assert list(latency["params"]) == ["dense", "0.2", "0.4", "0.6", "0.4 +head"] and latency["device"] == "cpu"
-    assert all(t > 0 for t in latency["decode"].values()) and "| 0.4 removed, LM head too (untied) |" in done.stdout
+    # decode is a difference of two timings (n tokens minus 1): finite, not always > 0 for a tiny model on a busy CPU
+    assert set(latency["decode"]) == set(latency["params"]) and all(map(math.isfinite, latency["decode"].values()))
+    assert "| 0.4 removed, LM head too (untied) |" in done.stdout
     # Without CUDA and without --cpu-smoke: a clear message and a non-zero exit.
     refused = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py")],
