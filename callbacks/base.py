@@ -228,8 +228,8 @@ class LowRankCompression(Callback):
             groups of a block from one pass of the compressed stream with the block still dense, so a layer does
             not see the error of earlier layers in its own block (earlier blocks' errors still propagate); one pass
             of the compressed stream per block instead of one per group (``benchmarks/RESULTS.md`` §9: time and
-            perplexity). Needs both streams' layer inputs within ``dense_cache_gb`` (else that block runs
-            true-sequential, with a warning).
+            perplexity). Needs a repeated block list and both streams' layer inputs within ``dense_cache_gb``
+            (else that block runs true-sequential, with a warning).
     """
 
     method: ClassVar[str] = "lowrank"
