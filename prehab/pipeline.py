@@ -778,6 +778,12 @@ def sequential_compress(
                         "not refined. Pass blocks= to name the block list.",
                         stacklevel=2,
                     )
+                if not true_sequential:
+                    warnings.warn(
+                        "true_sequential=False needs a repeated block list and this model has none: its layers are "
+                        "calibrated one group after another. Pass blocks= to name the block list.",
+                        stacklevel=2,
+                    )
                 runner = _Runner(whole_model=True, device=device, offload=False)
                 with tqdm(total=1, desc=f"{desc}: blocks", disable=not progress, unit="block") as bar:
                     streams = (list(batches), list(batches))

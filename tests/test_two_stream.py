@@ -312,6 +312,11 @@ def test_model_without_blocks_uses_per_layer_fallback():
     x = torch.cat([b[0] for b in loader])
     assert report.calibration_samples == 64
     assert not torch.allclose(net[1](net[0](x)), dense[1](dense[0](x)))
+    # true_sequential=False has no block to calibrate in one pass: it says so and gives the same factors
+    again = copy.deepcopy(dense)
+    with pytest.warns(UserWarning, match="true_sequential=False needs a repeated block list"):
+        AASVD(ratio=0.5, calibration_batches=4, true_sequential=False).compress(again, loader, progress=False)
+    torch.testing.assert_close(again[2].up.weight, net[2].up.weight)
 
 
 def test_unknown_blocks_name_is_a_clear_error():
