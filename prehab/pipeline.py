@@ -464,9 +464,11 @@ def _record_dense(
     runner: _Runner,
     keep_outputs: bool,
     energies: bool = True,
+    stop_after: dict[str, int] | None = None,
 ) -> _DenseInputs:
     """Run the (dense) stage once per batch with every target's inputs (and, with ``energies``, the targets'
-    output energies) recorded."""
+    output energies) recorded; with ``stop_after`` (every target's call count), each forward ends at the last
+    call (no outputs then)."""
     calls: list[dict[str, list[Any]]] = []
     device = dense_weight(next(iter(targets.values()))).device
     energy = {name: torch.zeros((), dtype=torch.float64, device=device) for name in targets}
@@ -484,6 +486,8 @@ def _record_dense(
                 # block forwards it saves.
                 _stored[id(x)] = x.detach().clone()
             _seen[name].append(_stored[id(x)])
+            if stop_after is not None and all(len(_seen[n]) >= stop_after[n] for n in _seen):
+                raise _StopForward
 
         def output(name: str, module: nn.Module, y: Tensor, _mask=masks[index]) -> None:
             rows = token_rows(y.detach(), _mask).to(torch.float64)
@@ -493,7 +497,11 @@ def _record_dense(
             energy[name] += rows.square().sum().to(device)
 
         with _hooks(targets, record), _output_hooks(targets if energies else {}, output):
-            out = runner(stage, batch)
+            if stop_after is None:
+                out = runner(stage, batch)
+            else:
+                with contextlib.suppress(_StopForward):
+                    runner(stage, batch)
         if outputs is not None:
             outputs.append(runner.store(_hidden(out).detach()))
         calls.append(seen)
@@ -662,7 +670,9 @@ def _compress_stage(
             dense_inputs = _record_dense(stage, targets, streams[0], masks, runner, keep_outputs)
     if not true_sequential and not runner.whole_model:
         if (1 + (dense_inputs is not None)) * estimate <= cache_bytes:
-            shifted_inputs = _record_dense(stage, targets, streams[1], masks, runner, False, energies=False)
+            # the forward ends at the last target's call unless some target's calls are not known from the probe
+            stop = None if structure.uncalled else structure.calls
+            shifted_inputs = _record_dense(stage, targets, streams[1], masks, runner, False, False, stop)
         else:
             warnings.warn(
                 f"true_sequential=False: block {root!r}'s layer inputs of both streams (~{2 * estimate / 2**30:.2f} "
