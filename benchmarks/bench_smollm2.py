@@ -45,6 +45,10 @@ METHODS = {
     # true_sequential=False: one compressed-stream pass per block for all its groups (GPTQ's option; issue 12)
     "aa_svd_onepass": lambda r, n: AASVD(ratio=r, calibration_batches=n, ridge=0.0, true_sequential=False),
     "saes_svd_onepass": lambda r, n: SAESSVD(ratio=r, calibration_batches=n, ridge=0.0, true_sequential=False),
+    # whitening with the compressed model's inputs only (no anchoring to the dense outputs), one pass per block
+    "svd_llm_propagate_onepass": lambda r, n: SVDLLM(
+        ratio=r, calibration_batches=n, propagate=True, true_sequential=False
+    ),
     # AA-SVD with the callback's default ridge (0.1), exact and one pass per block
     "aa_svd_ridge": lambda r, n: AASVD(ratio=r, calibration_batches=n),
     "aa_svd_ridge_onepass": lambda r, n: AASVD(ratio=r, calibration_batches=n, true_sequential=False),

@@ -24,6 +24,7 @@ class AASVD(LowRankCompression):
 
     method = "aa_svd"
     two_stream = True
+    anchored = True
     default_ridge = 0.1
     reads_original_covariance = False
 

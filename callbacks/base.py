@@ -227,9 +227,11 @@ class LowRankCompression(Callback):
             already low-rank (q/k/v before o, gate/up before down). ``False`` (GPTQ's option of the same name): all
             groups of a block from one pass of the compressed stream with the block still dense, so a layer does
             not see the error of earlier layers in its own block (earlier blocks' errors still propagate); one pass
-            of the compressed stream per block instead of one per group (``benchmarks/RESULTS.md`` §9: time and
-            perplexity). Needs a repeated block list and both streams' layer inputs within ``dense_cache_gb``
-            (else that block runs true-sequential, with a warning).
+            of the compressed stream per block instead of one per group. Measured on SmolLM2-135M
+            (``benchmarks/RESULTS.md`` §9): 0.85-0.88x the calibration time; the same perplexity for
+            ``SVDLLM(propagate=True)``, but 1.6-2.2x (SAES-SVD) to 12x (AA-SVD) for the anchored solvers, which fit
+            each layer to the compressed inputs they saw, and this option changes them (they warn). Needs a repeated block list and both streams' layer inputs within
+            ``dense_cache_gb`` (else that block runs true-sequential, with a warning).
     """
 
     method: ClassVar[str] = "lowrank"
@@ -239,6 +241,9 @@ class LowRankCompression(Callback):
     # Two-stream solvers that read "G" say so; the built-in ones read only H and C, so G (the original inputs'
     # covariance, a third product per group) is collected only for the spectrum plot's layers.
     reads_original_covariance: ClassVar[bool] = True
+    # Solvers whose target is the dense model's output (the cross term C): they fit the compressed inputs they
+    # saw, so true_sequential=False (which changes those inputs) costs them much (benchmarks/RESULTS.md §9).
+    anchored: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -354,6 +359,14 @@ class LowRankCompression(Callback):
                 f"true_sequential=False needs a two-stream method (AASVD, SAESSVD, or SVDLLM with propagate=True); "
                 f"{type(self).__name__} collects its statistics in one pass of the original model, with no groups "
                 "solved in sequence. Use true_sequential=True."
+            )
+        if not self.true_sequential and type(self).anchored:
+            warnings.warn(
+                f"true_sequential=False with {type(self).__name__}: measured on SmolLM2-135M it saves ~15% of the "
+                "calibration time and multiplies the perplexity 2-12x, since this solver fits each layer to the "
+                "compressed inputs it saw and the option changes them (benchmarks/RESULTS.md §9). It suits "
+                "SVDLLM(propagate=True); keep true_sequential=True here unless you have measured otherwise.",
+                stacklevel=2,
             )
         self.rank_allocation, self.min_kept_fraction = rank_allocation, float(min_kept_fraction)
         self.allocation_weighting = allocation_weighting

@@ -37,6 +37,7 @@ class SAESSVD(LowRankCompression):
 
     method = "saes_svd"
     two_stream = True
+    anchored = True
     reads_original_covariance = False
 
     def __init__(

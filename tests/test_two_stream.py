@@ -2,6 +2,7 @@
 
 import copy
 import re
+import warnings
 
 import pytest
 import torch
@@ -431,6 +432,12 @@ def test_without_true_sequential_the_compressed_stream_runs_once_per_block():
     sweep = AASVD(ratio=0.5, compare=["svd_llm", "saes_svd"], true_sequential=False, plots=False)
     report = sweep.sweep(copy.deepcopy(base), loader, progress=False)
     assert [row.method for row in report.sweep] == ["svd_llm", "saes_svd", "aa_svd"]
+    # the anchored solvers are told what the option costs them (RESULTS §9); whitening-only SVD-LLM is not
+    with pytest.warns(UserWarning, match=r"true_sequential=False with SAESSVD.*suits SVDLLM\(propagate=True\)"):
+        SAESSVD(ratio=0.5, true_sequential=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SVDLLM(ratio=0.5, propagate=True, true_sequential=False)
 
 
 def test_only_the_spectrum_layers_carry_the_original_covariance():
