@@ -230,8 +230,9 @@ class LowRankCompression(Callback):
             of the compressed stream per block instead of one per group. Measured on SmolLM2-135M
             (``benchmarks/RESULTS.md`` §9): 0.85-0.88x the calibration time; the same perplexity for
             ``SVDLLM(propagate=True)``, but 1.6-2.2x (SAES-SVD) to 12x (AA-SVD) for the anchored solvers, which fit
-            each layer to the compressed inputs they saw, and this option changes them (they warn). Needs a repeated block list and both streams' layer inputs within
-            ``dense_cache_gb`` (else that block runs true-sequential, with a warning).
+            each layer to the compressed inputs they saw, and this option changes them (they warn). Needs a
+            repeated block list and both streams' layer inputs within ``dense_cache_gb`` (else that block runs
+            true-sequential, with a warning).
     """
 
     method: ClassVar[str] = "lowrank"
