@@ -675,8 +675,9 @@ def _compress_stage(
             shifted_inputs = _record_dense(stage, targets, streams[1], masks, runner, False, False, stop)
         else:
             warnings.warn(
-                f"true_sequential=False: block {root!r}'s layer inputs of both streams (~{2 * estimate / 2**30:.2f} "
-                f"GiB) do not fit dense_cache_gb={cache_bytes / 2**30:g}, so its groups are calibrated one after "
+                # no block name in the message: Python shows it once, not once per block of a deep model
+                f"true_sequential=False: a block's layer inputs of both streams (~{2 * estimate / 2**30:.2f} GiB) do "
+                f"not fit dense_cache_gb={cache_bytes / 2**30:g}, so such blocks' groups are calibrated one after "
                 "another (true_sequential=True). Raise dense_cache_gb to calibrate them in one pass.",
                 stacklevel=2,
             )
