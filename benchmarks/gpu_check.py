@@ -1,9 +1,10 @@
 """GPU check (issue 12): every calibrated surgery method on SmolLM2-135M and on two LLaMA-7B-shaped blocks.
 
 For each method (svd_llm, aa_svd, saes_svd, and saes_svd_onepass: ``true_sequential=False``) at ratio 0.2 it
-prints the compression time, that time divided by one plain forward pass over the same calibration set, the peak ``torch.cuda.max_memory_allocated`` during
-the compression, and (SmolLM2 only) WikiText-2 test perplexity; it writes a JSON and a markdown table naming
-the device. About 6 minutes on one H100 (estimate; never run on a GPU yet).
+prints the compression time, that time divided by one plain forward pass over the same calibration set, the peak
+``torch.cuda.max_memory_allocated`` during the compression, and (SmolLM2 only) WikiText-2 test perplexity; it
+writes a JSON and a markdown table naming the device. About 6 minutes on one H100 (estimate; never run on a GPU
+yet).
 
     python benchmarks/gpu_check.py                       # $PREHAB_ASSETS/smollm2-135m, $PREHAB_DATA or ../shared/data
     python benchmarks/gpu_check.py --model PATH --data DATA_FOLDER --out gpu_check.json
