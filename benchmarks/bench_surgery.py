@@ -1,7 +1,9 @@
-"""Surgery-core benchmark: solver time vs a plain SVD, and one-stream calibration time vs a plain forward.
+"""Surgery-core benchmark: solver time vs a plain SVD, one-stream calibration time vs a plain forward, and the
+cost of accumulating one batch's covariance against the bare float32 product.
 
     python benchmarks/bench_surgery.py            # full sizes (768x3072 and 4096x4096; a few minutes on 2 cores)
     python benchmarks/bench_surgery.py --smoke    # tiny sizes, seconds (what CI could run)
+    python benchmarks/bench_surgery.py --only statistics error --threads 1
 
 Prints markdown tables. All ratios are measured in the same run, back to back.
 """
@@ -16,8 +18,8 @@ import time
 import torch
 
 from prehab.callbacks import SVDLLM
-from prehab.linalg import rank_from_ratio, solve_lowrank
-from prehab.stats import calibration_forward_context
+from prehab.linalg import output_error_and_energy, rank_from_ratio, solve_lowrank
+from prehab.stats import RunningCovariance, calibration_forward_context
 
 
 def _timed(fn, repeats: int = 1) -> float:
@@ -89,21 +91,118 @@ def bench_calibration(hidden: int, layers: int, batches: int, batch_size: int, s
     ]
 
 
-def main() -> None:
+def _bare_products(n: int, data: list[torch.Tensor]) -> None:
+    for x in data:
+        x.mT @ x
+
+
+def _before(n: int, data: list[torch.Tensor]) -> torch.Tensor:
+    """The accumulation of sessions 1-12, for comparison: a float32 product per batch, a check of the whole
+    product for overflow, an add into the float64 sum."""
+    total = torch.zeros(n, n, dtype=torch.float64)
+    for x in data:
+        product = x.mT @ x
+        if not bool(torch.isfinite(product).all()):
+            raise AssertionError("not reached with these inputs")
+        total += product
+    return total
+
+
+def _running(n: int, data: list[torch.Tensor]) -> torch.Tensor:
+    stat = RunningCovariance(n, scratch={})  # as the callbacks' collectors use it
+    for x in data:
+        stat.update(x)
+    return stat.sum
+
+
+def bench_statistics(features: list[int], rows: int, batches: int) -> list[str]:
+    """Per-batch time of ``Σ xᵀx`` over ``batches`` batches of ``rows`` rows: the bare float32 product, the
+    accumulation before session 13, and :class:`RunningCovariance` now (overflow bound read from the inputs
+    instead of a check of the product, the product written into a reused buffer, added to float64 without a
+    float64 copy)."""
+    out = [
+        "| features | rows per batch | x.T @ x alone (ms) | before: + product check + float64 add (ms) | "
+        "RunningCovariance.update (ms) | before / alone | now / alone |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for n in features:
+        g = torch.Generator().manual_seed(0)
+        data = [torch.randn(rows, n, generator=g) for _ in range(batches)]
+        times = {
+            name: _timed(lambda fn=fn, n=n, data=data: fn(n, data), 2) / batches * 1e3
+            for name, fn in (("bare", _bare_products), ("before", _before), ("now", _running))
+        }
+        out.append(
+            f"| {n} | {rows} | {times['bare']:.1f} | {times['before']:.1f} | {times['now']:.1f} "
+            f"| {times['before'] / times['bare']:.2f}x | {times['now'] / times['bare']:.2f}x |"
+        )
+    return out
+
+
+def _report_error_before(weight: torch.Tensor, approx: torch.Tensor, g: torch.Tensor) -> float:
+    """The report's relative error before session 13 (one stream): ``tr(W G Wᵀ)``, then ``tr(W G W'ᵀ)`` and
+    ``tr(W' G W'ᵀ)``, three ``out x in x in`` products."""
+    w = weight.double()
+    dense = float((w @ g * w).sum())
+    return (dense - 2.0 * float((w @ g * approx).sum()) + float((approx @ g * approx).sum())) / dense
+
+
+def bench_report_error(shapes: list[tuple[int, int]], ratio: float) -> list[str]:
+    """The relative output error each layer's report line carries (one stream, float64): the formula before
+    session 13 on ``W' = up @ down`` against :func:`output_error_and_energy` on the factors."""
+    out = [
+        "| layer (out x in) | rank | before: three products (s) | now: W G + factors (s) | now / before "
+        "| relative error before / now |",
+        "|---|---|---|---|---|---|",
+    ]
+    for out_features, in_features in shapes:
+        g = torch.Generator().manual_seed(0)
+        weight = torch.randn(out_features, in_features, generator=g)
+        x = torch.randn(2 * in_features, in_features, generator=g, dtype=torch.float64)
+        covariance = x.T @ x / len(x)
+        rank = rank_from_ratio(out_features, in_features, ratio)
+        factors = solve_lowrank(weight, rank, whitening=covariance)
+        before = _timed(lambda f=factors, w=weight, c=covariance: _report_error_before(w, f.up @ f.down, c))
+        now = _timed(lambda f=factors, w=weight, c=covariance: output_error_and_energy(w, (f.up, f.down), c))
+        error, dense = output_error_and_energy(weight, (factors.up, factors.down), covariance)
+        reference = _report_error_before(weight, factors.up @ factors.down, covariance)
+        out.append(
+            f"| {out_features}x{in_features} | {rank} | {before:.2f} | {now:.2f} | {now / before:.2f}x "
+            f"| {reference:.10f} / {error / dense:.10f} |"
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds")
-    args = parser.parse_args()
+    parser.add_argument("--only", choices=["solver", "calibration", "statistics", "error"], nargs="+")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    parts = args.only or ["solver", "calibration", "statistics", "error"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-    if args.smoke:
-        solver = bench_solver([(64, 256), (256, 256)], 0.4, 1)
-        calibration = bench_calibration(hidden=64, layers=2, batches=4, batch_size=2, seq_len=64)
-    else:
-        solver = bench_solver([(768, 3072), (3072, 768), (4096, 4096)], 0.4, 2)
-        calibration = bench_calibration(hidden=512, layers=8, batches=16, batch_size=4, seq_len=256)
-    print("\n## Solver time per layer (float32 weight in, float64 factorization)\n")
-    print("\n".join(solver))
-    print("\n## One-stream compression vs a plain forward over the same calibration batches\n")
-    print("\n".join(calibration))
+    if "solver" in parts:
+        shapes = [(64, 256), (256, 256)] if args.smoke else [(768, 3072), (3072, 768), (4096, 4096)]
+        print("\n## Solver time per layer (float32 weight in, float64 factorization)\n")
+        print("\n".join(bench_solver(shapes, 0.4, 1 if args.smoke else 2)))
+    if "calibration" in parts:
+        sizes = dict(hidden=64, layers=2, batches=4, batch_size=2, seq_len=64)
+        if not args.smoke:
+            sizes = dict(hidden=512, layers=8, batches=16, batch_size=4, seq_len=256)
+        print("\n## One-stream compression vs a plain forward over the same calibration batches\n")
+        print("\n".join(bench_calibration(**sizes)))
+    if "statistics" in parts:
+        print("\n## Accumulating one batch's covariance (float64 result) against the bare float32 product\n")
+        if args.smoke:
+            print("\n".join(bench_statistics([32, 96], rows=16, batches=2)))
+        else:
+            print("\n".join(bench_statistics([576, 1536, 4096, 11008], rows=512, batches=4)))
+    if "error" in parts:
+        print("\n## The report's relative output error per layer (one stream, float64)\n")
+        shapes = [(64, 256), (256, 64)] if args.smoke else [(576, 1536), (1536, 576), (4096, 4096), (4096, 11008)]
+        print("\n".join(bench_report_error(shapes, 0.2)))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from prehab.linalg import (
     LowRankFactors,
     damped_cholesky,
     factor_params,
-    output_error,
+    output_error_and_energy,
     rank_from_ratio,
     ridge_statistics,
 )
@@ -865,7 +865,7 @@ class LowRankCompression(Callback):
         factors = self.solve_layer(name, weight, layer_rank, solver_stats)
         if not (torch.isfinite(factors.up).all() and torch.isfinite(factors.down).all()):
             raise FloatingPointError(f"{self.method} produced non-finite factors for layer {name!r}.")
-        error = self._relative_error(weight, factors.up @ factors.down, stats, dense_energy)
+        error = self._relative_error(weight, (factors.up, factors.down), stats, dense_energy)
         note = "damped: covariance singular" if factors.singular else ""
         if factors.singular and samples and samples < in_features:
             note += f" ({samples} samples < {in_features} features)"
@@ -1053,15 +1053,17 @@ class LowRankCompression(Callback):
 
     @staticmethod
     def _relative_error(
-        weight: Tensor, approx: Tensor, stats: dict[str, Tensor], dense_energy: float | None = None
+        weight: Tensor, factors: tuple[Tensor, Tensor], stats: dict[str, Tensor], dense_energy: float | None = None
     ) -> float | None:
         if "G" in stats:
-            dense = float((weight.double() @ stats["G"] * weight.double()).sum())
+            dense = None  # tr(W G Wᵀ), computed beside the error
         elif dense_energy is not None and "H" in stats:
             dense = dense_energy  # tr(W G Wᵀ), measured on the dense block's outputs instead of G
         else:
             return None
-        error = output_error(weight, approx, stats.get("G"), stats.get("C"), stats.get("H"), dense=dense)
+        error, dense = output_error_and_energy(
+            weight, factors, stats.get("G"), stats.get("C"), stats.get("H"), dense=dense
+        )
         # Round-off can make an exact fit slightly negative (printed as -0.0): the error is a squared norm.
         return max(error, 0.0) / dense if dense > 0 else 0.0
 

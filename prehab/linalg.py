@@ -31,6 +31,7 @@ __all__ = [
     "ridge_statistics",
     "factor_params",
     "output_error",
+    "output_error_and_energy",
     "rank_from_ratio",
     "solve_lowrank",
     "truncated_svd",
@@ -264,7 +265,7 @@ def solve_lowrank(
 
 def output_error(
     weight: Tensor,
-    approx: Tensor,
+    approx: Tensor | tuple[Tensor, Tensor],
     original_cov: Tensor | None,
     cross: Tensor | None = None,
     shifted_cov: Tensor | None = None,
@@ -274,18 +275,45 @@ def output_error(
 
     With ``cross``/``shifted_cov`` omitted, ``X̂ = X`` (one stream). ``dense``: ``‖W X‖² = tr(W G Wᵀ)`` when it
     is known otherwise (e.g. from the layer's outputs); ``original_cov`` may then be None (two streams only).
+    ``approx``: ``W'``, or its factors ``(up, down)`` (``W' = up @ down``), which is cheaper (see
+    :func:`output_error_and_energy`).
+    """
+    return output_error_and_energy(weight, approx, original_cov, cross, shifted_cov, dense)[0]
+
+
+def output_error_and_energy(
+    weight: Tensor,
+    approx: Tensor | tuple[Tensor, Tensor],
+    original_cov: Tensor | None,
+    cross: Tensor | None = None,
+    shifted_cov: Tensor | None = None,
+    dense: float | None = None,
+) -> tuple[float, float]:
+    """:func:`output_error` and ``‖W X‖²`` (``dense``, or ``tr(W G Wᵀ)``), for a relative error.
+
+    ``‖WX‖² − 2 tr(W C W'ᵀ) + tr(W' H W'ᵀ)`` costs one ``out x in x in`` product (``W C``, which also gives
+    ``tr(W G Wᵀ)`` when ``C = G``) and, with factors, ``r x in x in`` for ``tr(W' H W'ᵀ) = ⟨down H downᵀ,
+    upᵀ up⟩``: at 20% removed from a square layer about 0.5x the three ``out x in x in`` products of the plain
+    formula.
     """
     w = weight.to(torch.float64)
-    a = approx.to(torch.float64)
     if original_cov is None and (dense is None or cross is None or shifted_cov is None):
         raise ValueError("output_error: without original_cov, pass dense, cross and shifted_cov.")
     g = None if original_cov is None else original_cov.to(torch.float64)
     c = g if cross is None else cross.to(torch.float64)
     h = g if shifted_cov is None else shifted_cov.to(torch.float64)
-    dense = float((w @ g * w).sum()) if dense is None else dense
-    mixed = (w @ c * a).sum()  # tr(W C W'ᵀ)
-    compressed = (a @ h * a).sum()
-    return float(dense - 2.0 * mixed + compressed)
+    wc = w @ c
+    if dense is None:
+        dense = float((wc * w).sum()) if cross is None else float((w @ g * w).sum())
+    if isinstance(approx, tuple):
+        up, down = (f.to(torch.float64) for f in approx)
+        mixed = ((wc @ down.mT) * up).sum()  # tr(W C downᵀ upᵀ)
+        compressed = ((down @ h @ down.mT) * (up.mT @ up)).sum()  # tr(up down H downᵀ upᵀ)
+    else:
+        a = approx.to(torch.float64)
+        mixed = (wc * a).sum()  # tr(W C W'ᵀ)
+        compressed = (a @ h * a).sum()
+    return float(dense - 2.0 * mixed + compressed), dense
 
 
 @dataclass

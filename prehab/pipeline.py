@@ -413,8 +413,10 @@ class _Accumulator:
     """Running ``G`` (unless ``original`` is False), ``H``, ``C`` sums over paired input rows of the two streams."""
 
     def __init__(self, features: int, device: torch.device, original: bool = True) -> None:
-        self.h, self.c = RunningCovariance(features, device=device), RunningCovariance(features, device=device)
-        self.g = RunningCovariance(features, device=device) if original else None
+        scratch: dict = {}  # one float32 product buffer, written by each product in turn
+        self.h = RunningCovariance(features, device=device, scratch=scratch)
+        self.c = RunningCovariance(features, device=device, scratch=scratch)
+        self.g = RunningCovariance(features, device=device, scratch=scratch) if original else None
 
     def add(self, originals: list[Tensor], shifted: list[Tensor], mask: Tensor | None) -> None:
         for x, x_hat in zip(originals, shifted, strict=True):
@@ -425,7 +427,8 @@ class _Accumulator:
             self.c.update(x, x_hat)
 
     def statistics(self, names: list[str], energy: dict[str, Tensor] | None = None) -> GroupStatistics:
-        """Means over all ranks (all-reduced); zeros with ``count == 0`` when no rank saw an input.
+        """Means over all ranks (all-reduced), divided in place (call it once); zeros with ``count == 0`` when no
+        rank saw an input.
 
         ``energy``: each layer's summed ``‖W x‖²`` on this rank (from the dense stream's outputs), averaged alike.
         """
@@ -436,9 +439,10 @@ class _Accumulator:
         all_reduce_sum_(sums + ([] if energies is None else [energies]))
         total = int(count.item())
         scale = max(total, 1)
-        g = None if self.g is None else self.g.sum / scale
+        # in place (call once, at the end): no second copy of each in x in matrix
+        g = None if self.g is None else self.g.sum.div_(scale)
         dense_energy = {} if energies is None else dict(zip(names, (energies / scale).tolist(), strict=True))
-        return GroupStatistics(names, g, self.h.sum / scale, self.c.sum / scale, total, dense_energy)
+        return GroupStatistics(names, g, self.h.sum.div_(scale), self.c.sum.div_(scale), total, dense_energy)
 
 
 @dataclass

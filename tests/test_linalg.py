@@ -9,6 +9,7 @@ from prehab.linalg import (
     damped_cholesky,
     factor_params,
     output_error,
+    output_error_and_energy,
     rank_from_ratio,
     ridge_statistics,
     solve_lowrank,
@@ -75,6 +76,24 @@ def test_covariance_error_formula_matches_activations():
     assert without_g == pytest.approx(_objective(w, approx, x, x_hat), rel=1e-10)
     with pytest.raises(ValueError, match="without original_cov, pass dense, cross and shifted_cov"):
         output_error(w, approx, None, x @ x_hat.T, x_hat @ x_hat.T)
+
+
+def test_covariance_error_from_factors_matches_activations():
+    """``W'`` given as its factors ``(up, down)`` (the cheaper route the callbacks take) gives the same error,
+    and ``output_error_and_energy`` returns ``‖WX‖²`` beside it, with and without ``G``."""
+    w, x, x_hat = _problem()
+    g = torch.Generator().manual_seed(5)
+    up, down = torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(3, 8, generator=g, dtype=torch.float64)
+    two_stream = (x @ x.T, x @ x_hat.T, x_hat @ x_hat.T)
+    error, dense = output_error_and_energy(w, (up, down), *two_stream)
+    assert error == pytest.approx(_objective(w, up @ down, x, x_hat), rel=1e-10)
+    assert dense == pytest.approx(float((w @ x).square().sum()), rel=1e-12)
+    error, dense = output_error_and_energy(w, (up, down), x @ x.T)  # one stream: X̂ = X
+    assert error == pytest.approx(_objective(w, up @ down, x, x), rel=1e-10)
+    assert dense == pytest.approx(float((w @ x).square().sum()), rel=1e-12)
+    given = output_error_and_energy(w, (up, down), None, *two_stream[1:], dense=123.0)
+    assert given[1] == 123.0
+    assert given[0] == pytest.approx(_objective(w, up @ down, x, x_hat) - float((w @ x).square().sum()) + 123.0)
 
 
 @pytest.mark.parametrize("shape", [(8, 6), (6, 8)])

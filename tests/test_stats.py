@@ -21,6 +21,56 @@ def test_running_covariance_equals_full_products():
     assert g.sum.dtype == torch.float64
 
 
+def test_running_covariances_sharing_a_scratch_buffer_equal_full_products():
+    """``H``, ``C`` and a wider cross term take turns writing their batch products into shared float32 buffers
+    (one per shape); each sum still equals its own product of all rows."""
+    generator = torch.Generator().manual_seed(0)
+    x, x_hat, y = (torch.randn(9, 7, width, generator=generator) for width in (6, 6, 4))
+    scratch: dict = {}
+    h, c, cross = (RunningCovariance(6, cols, scratch=scratch) for cols in (None, None, 4))
+    for i in range(9):
+        h.update(x_hat[i])
+        c.update(x[i], x_hat[i])
+        cross.update(x[i], y[i])
+    assert len(scratch) == 2  # one buffer per (rows, cols) shape
+    flat, flat_hat, flat_y = (t.reshape(-1, t.shape[-1]).double() for t in (x, x_hat, y))
+    assert h.count == c.count == cross.count == 63
+    torch.testing.assert_close(h.sum, flat_hat.T @ flat_hat, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(c.sum, flat.T @ flat_hat, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(cross.sum, flat.T @ flat_y, rtol=1e-6, atol=1e-5)
+
+
+def test_running_covariance_sums_past_float32_range_exactly():
+    """Each batch is float32-safe (4 rows of magnitude 3e18: entries 3.6e37), but ten of them sum past float32's
+    3.4e38: batches are added in float64."""
+    signs = torch.randint(0, 2, (10, 4, 3), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    batches = signs.float() * 3e18
+    stat = RunningCovariance(3, scratch={})
+    for x in batches:
+        stat.update(x)
+    flat = batches.reshape(-1, 3).double()
+    assert torch.isfinite(stat.sum).all()
+    torch.testing.assert_close(stat.sum, flat.T @ flat, rtol=1e-5, atol=0)
+    assert float(stat.sum[0, 0]) > torch.finfo(torch.float32).max
+
+
+@pytest.mark.parametrize("rows", [2, 40])  # 2 x 8 < 8²: the inputs are checked; 40 x 8 > 8²: the product is
+def test_huge_or_non_finite_batches_on_either_overflow_check(rows):
+    """Either check (inputs' bound or product) sends float32-overflowing batches to float64 and lets non-finite
+    inputs through as non-finite sums."""
+    generator = torch.Generator().manual_seed(0)
+    huge = torch.randn(rows, 8, generator=generator) * 1e25  # finite in float32, products ~1e50 are not
+    stat = RunningCovariance(8, scratch={})
+    stat.update(huge)
+    stat.update(huge, huge)
+    wide = huge.double()
+    torch.testing.assert_close(stat.sum, 2 * wide.T @ wide, rtol=1e-5, atol=0)
+    broken = huge.clone()
+    broken[0, 3] = float("nan")
+    stat.update(broken)
+    assert not torch.isfinite(stat.sum).all()
+
+
 def test_running_covariance_rejects_unpaired_streams_and_empty_mean():
     stat = RunningCovariance(3)
     with pytest.raises(ValueError, match="paired"):

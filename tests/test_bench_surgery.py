@@ -1,0 +1,20 @@
+"""The surgery-core benchmark's --smoke mode: the statistics and report-error parts run and compare like with like."""
+
+import re
+import runpy
+from pathlib import Path
+
+BENCH = Path(__file__).parent.parent / "benchmarks" / "bench_surgery.py"
+
+
+def test_smoke_mode_statistics_and_report_error(capsys):
+    main = runpy.run_path(str(BENCH))["main"]
+    main(["--smoke", "--only", "statistics", "error"])
+    printed = capsys.readouterr().out
+    statistics = [line for line in printed.splitlines() if re.match(r"\| (32|96) \| 16 \|", line)]
+    assert len(statistics) == 2
+    errors = re.findall(r"\| (\d+)x(\d+) \| \d+ \|.*\| ([\d.]+) / ([\d.]+) \|", printed)
+    assert [(o, i) for o, i, *_ in errors] == [("64", "256"), ("256", "64")]
+    for *_, before, now in errors:  # the cheaper route computes the same relative error
+        assert 0 < float(now) < 1
+        assert abs(float(before) - float(now)) < 1e-9
