@@ -3,7 +3,7 @@ cost of accumulating one batch's covariance against the bare float32 product.
 
     python benchmarks/bench_surgery.py            # full sizes (768x3072 and 4096x4096; a few minutes on 2 cores)
     python benchmarks/bench_surgery.py --smoke    # tiny sizes, seconds (what CI could run)
-    python benchmarks/bench_surgery.py --only statistics error --threads 1
+    python benchmarks/bench_surgery.py --only statistics error block --threads 1
 
 Prints markdown tables. All ratios are measured in the same run, back to back.
 """
@@ -18,8 +18,8 @@ import time
 import torch
 
 from prehab.callbacks import SVDLLM
-from prehab.linalg import output_error_and_energy, rank_from_ratio, solve_lowrank
-from prehab.stats import RunningCovariance, calibration_forward_context
+from prehab.linalg import rank_from_ratio, solve_lowrank
+from prehab.stats import CovarianceCollector, RunningCovariance, calibration_forward_context
 
 
 def _timed(fn, repeats: int = 1) -> float:
@@ -150,6 +150,8 @@ def _report_error_before(weight: torch.Tensor, approx: torch.Tensor, g: torch.Te
 def bench_report_error(shapes: list[tuple[int, int]], ratio: float) -> list[str]:
     """The relative output error each layer's report line carries (one stream, float64): the formula before
     session 13 on ``W' = up @ down`` against :func:`output_error_and_energy` on the factors."""
+    from prehab.linalg import output_error_and_energy  # here: --only block also runs on older versions
+
     out = [
         "| layer (out x in) | rank | before: three products (s) | now: W G + factors (s) | now / before "
         "| relative error before / now |",
@@ -173,15 +175,54 @@ def bench_report_error(shapes: list[tuple[int, int]], ratio: float) -> list[str]
     return out
 
 
+def bench_block_statistics(hidden: int, mlp: int, heads: int, windows: int, seq_len: int) -> list[str]:
+    """One Llama block's forward over ``windows`` batches, bare and with the one-stream statistics hooks
+    (:class:`CovarianceCollector` on its 7 Linears, as SVD-LLM block by block): what the statistics add, in block
+    forwards."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_check import _random_llama
+
+    model = _random_llama(hidden, mlp, heads, 1, 128, torch.float32).eval()
+    block = model.model.layers[0]
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(1, seq_len, hidden, generator=g) for _ in range(windows)]
+    rotary = model.model.rotary_emb(inputs[0], torch.arange(seq_len)[None])
+    targets = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    features = {n: m.weight.shape[1] for n, m in targets.items()}
+
+    def bare():
+        for x in inputs:
+            block(x, position_embeddings=rotary)
+
+    def hooked():
+        collector = CovarianceCollector(targets, features)
+        with collector.hooks():
+            bare()
+        collector.means_()
+
+    with calibration_forward_context(model):
+        bare()  # warm-up
+        t_bare, t_hooked = _timed(bare, 2), _timed(hooked, 2)
+    return [
+        "| block (hidden, MLP) | tokens | block forward (s) | with statistics (s) | statistics / block forward |",
+        "|---|---|---|---|---|",
+        f"| {hidden}, {mlp} | {windows} x {seq_len} | {t_bare:.2f} | {t_hooked:.2f} | "
+        f"{(t_hooked - t_bare) / t_bare:.2f}x |",
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds")
-    parser.add_argument("--only", choices=["solver", "calibration", "statistics", "error"], nargs="+")
+    parser.add_argument("--only", choices=["solver", "calibration", "statistics", "error", "block"], nargs="+")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    parts = args.only or ["solver", "calibration", "statistics", "error"]
+    parts = args.only or ["solver", "calibration", "statistics", "error", "block"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     if "solver" in parts:
         shapes = [(64, 256), (256, 256)] if args.smoke else [(768, 3072), (3072, 768), (4096, 4096)]
@@ -201,8 +242,12 @@ def main(argv: list[str] | None = None) -> None:
             print("\n".join(bench_statistics([576, 1536, 4096, 11008], rows=512, batches=4)))
     if "error" in parts:
         print("\n## The report's relative output error per layer (one stream, float64)\n")
-        shapes = [(64, 256), (256, 64)] if args.smoke else [(576, 1536), (1536, 576), (4096, 4096), (4096, 11008)]
+        shapes = [(64, 256), (256, 64)] if args.smoke else [(576, 1536), (1536, 576), (2048, 2048), (2048, 5504)]
         print("\n".join(bench_report_error(shapes, 0.2)))
+    if "block" in parts:
+        print("\n## One-stream statistics on one block of LLaMA-7B's shapes (random weights)\n")
+        sizes = (64, 160, 4, 2, 16) if args.smoke else (4096, 11008, 32, 4, 512)
+        print("\n".join(bench_block_statistics(*sizes)))
 
 
 if __name__ == "__main__":

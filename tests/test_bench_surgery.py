@@ -9,7 +9,7 @@ BENCH = Path(__file__).parent.parent / "benchmarks" / "bench_surgery.py"
 
 def test_smoke_mode_statistics_and_report_error(capsys):
     main = runpy.run_path(str(BENCH))["main"]
-    main(["--smoke", "--only", "statistics", "error"])
+    main(["--smoke", "--only", "statistics", "error", "block"])
     printed = capsys.readouterr().out
     statistics = [line for line in printed.splitlines() if re.match(r"\| (32|96) \| 16 \|", line)]
     assert len(statistics) == 2
@@ -18,3 +18,4 @@ def test_smoke_mode_statistics_and_report_error(capsys):
     for *_, before, now in errors:  # the cheaper route computes the same relative error
         assert 0 < float(now) < 1
         assert abs(float(before) - float(now)) < 1e-9
+    assert re.search(r"\| 64, 160 \| 2 x 16 \| [\d.]+ \| [\d.]+ \| -?[\d.]+x \|", printed)
