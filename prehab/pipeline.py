@@ -412,7 +412,8 @@ def _probe_structure(stage: nn.Module, targets: dict[str, nn.Module], inputs: An
 class _Accumulator:
     """Running ``G`` (unless ``original`` is False), ``H``, ``C`` sums over paired input rows of the two streams."""
 
-    def __init__(self, features: int, device: torch.device, original: bool = True) -> None:
+    def __init__(self, features: int, device: torch.device, original: bool = True, where: str = "") -> None:
+        self.where = where  # the layer, for an overflow error
         scratch: dict = {}  # one float32 product buffer, written by each product in turn
         self.h = RunningCovariance(features, device=device, scratch=scratch)
         self.c = RunningCovariance(features, device=device, scratch=scratch)
@@ -422,9 +423,9 @@ class _Accumulator:
         for x, x_hat in zip(originals, shifted, strict=True):
             x, x_hat = token_rows(x, mask), token_rows(x_hat, mask)  # select the real rows once, not per product
             if self.g is not None:
-                self.g.update(x)
-            self.h.update(x_hat)
-            self.c.update(x, x_hat)
+                self.g.update(x, where=self.where)
+            self.h.update(x_hat, where=self.where)
+            self.c.update(x, x_hat, where=self.where)
 
     def statistics(self, names: list[str], energy: dict[str, Tensor] | None = None) -> GroupStatistics:
         """Means over all ranks (all-reduced), divided in place (call it once); zeros with ``count == 0`` when no
@@ -584,7 +585,7 @@ def _collect(
     first_weight = dense_weight(members[names[0]])
     with_g = original_covariance or dense_inputs is None
     accumulators = {
-        name: _Accumulator(dense_weight(module).shape[1], first_weight.device, with_g)
+        name: _Accumulator(dense_weight(module).shape[1], first_weight.device, with_g, where + name)
         for name, module in (list(members.items())[:1] if shared else members.items())
     }
     unpaired, unshared = [0.0] * len(names), [0.0] * len(names)

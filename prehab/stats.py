@@ -27,6 +27,7 @@ __all__ = [
 # Below this bound on ``rows · max|a| · max|b|`` no float32 entry of ``aᵀb`` can overflow (float32's largest
 # value is ~3.4e38; the margin covers rounding).
 _FLOAT32_SAFE = 1e38
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def _peak(x: Tensor) -> float:
@@ -50,13 +51,15 @@ def _float32_product(a: Tensor, b: Tensor | None, out: Tensor | None = None) -> 
     narrow = a.float()
     other = narrow if b is None else b.float()
     if rows * (features_a + (0 if b is None else features_b)) <= features_a * features_b:
-        peak_a = _peak(a)
-        peak_b = peak_a if b is None else _peak(b)
-        if rows * peak_a * peak_b >= _FLOAT32_SAFE and math.isfinite(peak_a) and math.isfinite(peak_b):
+        peaks = [_peak(a)] if b is None else [_peak(a), _peak(b)]
+        if not all(math.isfinite(p) for p in peaks):
+            return torch.mm(narrow.mT, other, out=out)
+        # a float64 value beyond float32's range turns into inf in the float32 copy, whatever the bound says
+        if rows * peaks[0] * peaks[-1] >= _FLOAT32_SAFE or max(peaks) > _FLOAT32_MAX:
             return None
         return torch.mm(narrow.mT, other, out=out)
     product = torch.mm(narrow.mT, other, out=out)
-    if bool(torch.isfinite(product).all()) or not all(math.isfinite(_peak(x)) for x in (narrow, other)):
+    if bool(torch.isfinite(product).all()) or not all(math.isfinite(_peak(x)) for x in ((a,) if b is None else (a, b))):
         return product
     return None
 
@@ -130,11 +133,12 @@ class RunningCovariance:
         """Add a batch. ``a``, ``b``: (..., features); leading dims are samples (tokens, patches).
         ``mask``: the real tokens (see :func:`token_rows`); padded rows are left out. ``where``: the layer, for
         an overflow error."""
-        a2 = token_rows(a, mask)
-        b2 = None if b is None else token_rows(b, mask)
+        a2 = token_rows(a.detach(), mask)
+        b2 = None if b is None else token_rows(b.detach(), mask)
         if b2 is not None and b2.shape[0] != a2.shape[0]:
             raise ValueError(f"streams have {a2.shape[0]} and {b2.shape[0]} rows; they must be paired.")
-        key = (a2.shape[1], a2.shape[1] if b2 is None else b2.shape[1], a2.device)
+        # a buffer made in inference mode cannot be written outside it (and the reverse is refused too)
+        key = (a2.shape[1], a2.shape[1] if b2 is None else b2.shape[1], a2.device, torch.is_inference_mode_enabled())
         buffer = None if self._scratch is None else self._scratch.get(key)
         product = _float32_product(a2, b2, out=buffer)
         if product is None:

@@ -71,6 +71,44 @@ def test_huge_or_non_finite_batches_on_either_overflow_check(rows):
     assert not torch.isfinite(stat.sum).all()
 
 
+@pytest.mark.parametrize("rows", [2, 40])
+def test_float64_inputs_beyond_float32_range_are_summed_in_float64(rows):
+    """A finite float64 activation above float32's 3.4e38 is inf in a float32 copy: it must go to float64 on either
+    check, also beside a tiny second factor that keeps the bound ``rows · max|a| · max|b|`` small."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(rows, 8, generator=generator, dtype=torch.float64)
+    a[0, 0] = 1e39
+    b = torch.randn(rows, 8, generator=generator, dtype=torch.float64) * 1e-10
+    cross, gram = RunningCovariance(8, 8, scratch={}), RunningCovariance(8, scratch={})
+    cross.update(a, b)
+    torch.testing.assert_close(cross.sum, a.T @ b, rtol=1e-5, atol=0)
+    with pytest.raises(OverflowError, match="in layer .blocks.3.fc."):  # (1e159)² overflows even float64
+        gram.update(a * 1e120, where="blocks.3.fc")
+
+
+def test_scratch_buffers_survive_autograd_and_inference_mode():
+    """Inputs that require grad, and a buffer made in inference mode then written outside it, still accumulate."""
+    x = torch.randn(5, 4, requires_grad=True)
+    stat = RunningCovariance(4, scratch={})
+    stat.update(x)
+    stat.update(x * 2)
+    with torch.inference_mode():
+        stat.update(x.detach())
+    stat.update(x.detach())
+    flat = x.detach().double()
+    torch.testing.assert_close(stat.sum, (1 + 4 + 1 + 1) * flat.T @ flat, rtol=1e-6, atol=1e-6)
+    assert stat.count == 20
+
+
+def test_two_stream_overflow_names_the_layer():
+    from prehab.pipeline import _Accumulator
+
+    accumulator = _Accumulator(3, torch.device("cpu"), where="model.layers.2.mlp.down_proj")
+    huge = torch.full((2, 3), 1e200, dtype=torch.float64)
+    with pytest.raises(OverflowError, match=r"1\.0e\+200 in layer 'model\.layers\.2\.mlp\.down_proj'"):
+        accumulator.add([huge], [huge], None)
+
+
 def test_running_covariance_rejects_unpaired_streams_and_empty_mean():
     stat = RunningCovariance(3)
     with pytest.raises(ValueError, match="paired"):
