@@ -3,7 +3,7 @@ cost of accumulating one batch's covariance against the bare float32 product.
 
     python benchmarks/bench_surgery.py            # full sizes (768x3072 and 4096x4096; a few minutes on 2 cores)
     python benchmarks/bench_surgery.py --smoke    # tiny sizes, seconds (what CI could run)
-    python benchmarks/bench_surgery.py --only statistics error block --threads 1
+    python benchmarks/bench_surgery.py --only statistics error block aces --threads 1
 
 Prints markdown tables. All ratios are measured in the same run, back to back.
 """
@@ -214,15 +214,34 @@ def bench_block_statistics(hidden: int, mlp: int, heads: int, windows: int, seq_
     ]
 
 
+def bench_aces(shapes: list[tuple[int, int]], ratio: float) -> list[str]:
+    """SAES-SVD's ACES (``aces_beta``: β from the tail surrogate) per layer, float64, on a shifted input pair; run
+    it with an older package on the path to compare versions."""
+    from prehab.linalg import aces_beta
+
+    out = ["| layer (out x in) | rank | aces_beta (s) | β |", "|---|---|---|---|"]
+    for out_features, in_features in shapes:
+        g = torch.Generator().manual_seed(0)
+        weight = torch.randn(out_features, in_features, generator=g)
+        x = torch.randn(2 * in_features, in_features, generator=g, dtype=torch.float64)
+        x_hat = x + 0.3 * torch.randn(x.shape, generator=g, dtype=torch.float64)
+        h, c = x_hat.T @ x_hat / len(x), x.T @ x_hat / len(x)
+        rank = rank_from_ratio(out_features, in_features, ratio)
+        seconds = _timed(lambda w=weight, h=h, c=c, r=rank: aces_beta(w, h, c, r))
+        beta = aces_beta(weight, h, c, rank).beta
+        out.append(f"| {out_features}x{in_features} | {rank} | {seconds:.2f} | {beta:.6f} |")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds")
-    parser.add_argument("--only", choices=["solver", "calibration", "statistics", "error", "block"], nargs="+")
+    parser.add_argument("--only", choices=["solver", "calibration", "statistics", "error", "block", "aces"], nargs="+")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    parts = args.only or ["solver", "calibration", "statistics", "error", "block"]
+    parts = args.only or ["solver", "calibration", "statistics", "error", "block", "aces"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     if "solver" in parts:
         shapes = [(64, 256), (256, 256)] if args.smoke else [(768, 3072), (3072, 768), (4096, 4096)]
@@ -248,6 +267,10 @@ def main(argv: list[str] | None = None) -> None:
         print("\n## One-stream statistics on one block of LLaMA-7B's shapes (random weights)\n")
         sizes = (64, 160, 4, 2, 16) if args.smoke else (4096, 11008, 32, 4, 512)
         print("\n".join(bench_block_statistics(*sizes)))
+    if "aces" in parts:
+        print("\n## SAES-SVD's ACES per layer (float64)\n")
+        shapes = [(64, 256), (256, 64)] if args.smoke else [(576, 1536), (1536, 576), (2048, 2048), (2048, 5504)]
+        print("\n".join(bench_aces(shapes, 0.2)))
 
 
 if __name__ == "__main__":

@@ -376,16 +376,25 @@ def aces_beta(
     d = torch.linalg.solve_triangular(lower, difference.mT, upper=False).mT  # W (C − H) L⁻ᵀ
     u, _, vh = truncated_svd(s, rank)
     v = vh.mT
+    # ⟨P_L A P_R, P_L B P_R⟩ = ⟨A, B⟩ − ⟨UᵀA, UᵀB⟩ − ⟨AV, BV⟩ + ⟨UᵀAV, UᵀBV⟩ (P = I − UUᵀ, I − VVᵀ projectors;
+    # U's columns are orthonormal or zero): four out x in x r products instead of forming P_L S P_R and P_L D P_R.
+    left = {"s": u.mT @ s, "d": u.mT @ d}
+    right = {"s": s @ v, "d": d @ v}
+    both = {key: value @ v for key, value in left.items()}
+    full = {"s": s, "d": d}
 
-    def off_subspace(m: Tensor) -> Tensor:
-        m = m - u @ (u.mT @ m)
-        return m - (m @ v) @ v.mT
+    def inner(x: str, y: str) -> float:
+        return float(
+            (full[x] * full[y]).sum()
+            - (left[x] * left[y]).sum()
+            - (right[x] * right[y]).sum()
+            + (both[x] * both[y]).sum()
+        )
 
-    s_perp, d_perp = off_subspace(s), off_subspace(d)
-    coefficients = (
-        float((s_perp * s_perp).sum()),
-        float((s_perp * d_perp).sum()),
-        float((d_perp * d_perp).sum()),
+    coefficients = (  # squared norms cannot be negative; round-off in the differences above could make them so
+        max(inner("s", "s"), 0.0),
+        inner("s", "d"),
+        max(inner("d", "d"), 0.0),
         float((s * s).sum()),
         float((s * d).sum()),
         float((d * d).sum()),

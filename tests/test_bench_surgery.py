@@ -9,7 +9,7 @@ BENCH = Path(__file__).parent.parent / "benchmarks" / "bench_surgery.py"
 
 def test_smoke_mode_statistics_and_report_error(capsys):
     main = runpy.run_path(str(BENCH))["main"]
-    main(["--smoke", "--only", "statistics", "error", "block"])
+    main(["--smoke", "--only", "statistics", "error", "block", "aces"])
     printed = capsys.readouterr().out
     statistics = [line for line in printed.splitlines() if re.match(r"\| (32|96) \| 16 \|", line)]
     assert len(statistics) == 2
@@ -19,3 +19,5 @@ def test_smoke_mode_statistics_and_report_error(capsys):
         assert 0 < float(now) < 1
         assert abs(float(before) - float(now)) < 1e-9
     assert re.search(r"\| 64, 160 \| 2 x 16 \| [\d.]+ \| [\d.]+ \| -?[\d.]+x \|", printed)
+    betas = [float(b) for b in re.findall(r"^\| \d+x\d+ \| 40 \| [\d.]+ \| ([\d.]+) \|$", printed, re.M)]
+    assert len(betas) == 2 and all(0.25 <= b <= 0.75 for b in betas)  # ACES's default interval
