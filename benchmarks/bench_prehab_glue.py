@@ -58,6 +58,7 @@ from common import (  # noqa: E402  (benchmarks/ is not a package)
     parse_ridge,
     pyplot,
     spread,
+    write_atomic,
     write_csv,
 )
 
@@ -274,7 +275,7 @@ class Benchmark:
             self.surgery_rows(task, "finetuned", "svd_llm", self.args.sweep_ratios, 0, "heldout", "sweep")
             penalties = {n: s for n, s in scores.items() if n != "control"}
             chosen[task] = {"prehab": max(penalties, key=penalties.get), "scores": scores}
-            (self.out / "chosen.json").write_text(json.dumps(chosen, indent=2))
+            write_atomic(self.out / "chosen.json", json.dumps(chosen, indent=2))
             print(f"[sweep] {task}: chosen on held-out train {chosen[task]['prehab']} ({scores})", flush=True)
 
     def chosen_all(self) -> dict[str, Any]:
@@ -394,8 +395,8 @@ def write_report(out: Path) -> None:
         lines.append(f"| {ratio:g} | {name} | " + " | ".join(f"{v:.3f}" for v in values)
                      + f" | {statistics.fmean(values):.3f} |")
     lines.append("")
-    (out / "results.md").write_text("\n".join(lines))
-    (out / "results.json").write_text(json.dumps({"chosen": chosen, "paper_table3": {
+    write_atomic(out / "results.md", "\n".join(lines))
+    write_atomic(out / "results.json", json.dumps({"chosen": chosen, "paper_table3": {
         f"{m}@{r:g}": dict(zip(TASKS, v, strict=True)) for (r, m), v in PAPER.items()}, "rows": rows}, indent=2))
     write_csv([{k: v for k, v in r.items() if k != "metrics"} | {f"metric/{k}": v for k, v in r["metrics"].items()}
                for r in rows], out / "rows.csv")
@@ -535,7 +536,7 @@ def main(argv: list[str] | None = None) -> None:
     args.steps = args.steps or settings["max_steps"]
     if not settings["data"].get("heldout_samples") and "sweep" in args.stages:
         raise SystemExit(f"{args.config}: data.init_args.heldout_samples is 0; the sweep needs held-out examples.")
-    (out / "settings.json").write_text(json.dumps({"args": vars(args), "settings": settings}, indent=2, default=str))
+    write_atomic(out / "settings.json", json.dumps({"args": vars(args), "settings": settings}, indent=2, default=str))
     bench = Benchmark(args, settings)
     for stage in ("finetune", "sweep", "table", "rehab"):
         if stage in args.stages:

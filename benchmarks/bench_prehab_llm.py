@@ -67,6 +67,7 @@ from common import (  # noqa: E402
     parse_candidate,
     parse_ridge,
     pyplot,
+    write_atomic,
     write_csv,
 )
 
@@ -278,7 +279,7 @@ class Benchmark:
         self.surgery_rows("base", "svd_llm", self.args.sweep_ratios, 0, split="heldout", stage="sweep")
         penalties = {n: s for n, s in scores.items() if n != "control"}
         chosen = min(penalties, key=penalties.get)
-        (self.out / "chosen.json").write_text(json.dumps({"prehab": chosen, "scores_mean_log_ppl": scores}, indent=2))
+        write_atomic(self.out / "chosen.json", json.dumps({"prehab": chosen, "scores_mean_log_ppl": scores}, indent=2))
         print(f"[sweep] chosen on held-out WikiText-2 valid: {chosen} (mean log ppl {scores})", flush=True)
         return chosen
 
@@ -531,8 +532,8 @@ def write_report(out: Path) -> None:
     diagnosed = [r for r in all_rows if r["stage"] == "diagnose"]
     lines += diagnose_lines(diagnosed)
     lines += tails_lines([r for r in all_rows if r["stage"] == "tails"])
-    (out / "results.md").write_text("\n".join(lines))
-    (out / "results.json").write_text(json.dumps({"chosen": chosen, "rows": all_rows}, indent=2))
+    write_atomic(out / "results.md", "\n".join(lines))
+    write_atomic(out / "results.json", json.dumps({"chosen": chosen, "rows": all_rows}, indent=2))
     write_csv([{k: v for k, v in r.items() if k != "layers" and not isinstance(v, dict)} for r in all_rows],
               out / "rows.csv")
     plot(all_rows, prehab, out / "prehab_vs_surgery.png")
@@ -876,7 +877,7 @@ def main(argv: list[str] | None = None) -> None:
     args.calibration_windows = args.calibration_windows or settings["data"]["calibration_samples"]
     args.eval_windows = args.eval_windows or settings["data"].get("max_eval_windows") or 24
     out.mkdir(parents=True, exist_ok=True)
-    (out / "settings.json").write_text(json.dumps({"args": vars(args), "settings": settings}, indent=2, default=str))
+    write_atomic(out / "settings.json", json.dumps({"args": vars(args), "settings": settings}, indent=2, default=str))
     bench = Benchmark(args, settings)
     for stage in ("sweep", "table", "rehab", "calibration", "zeroshot", "diagnose", "tails", "ridge"):
         if stage in args.stages:

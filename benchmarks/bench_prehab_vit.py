@@ -56,6 +56,7 @@ from common import (  # noqa: E402
     parse_candidate,
     pyplot,
     spread,
+    write_atomic,
     write_csv,
 )
 
@@ -260,7 +261,7 @@ class Benchmark:
         for regularizer in sorted({r for n, r in regularizers.items() if n != "control"}):
             names = [n for n, r in regularizers.items() if r == regularizer and n != "control"]
             chosen[regularizer] = max(names, key=scores.get)
-        (self.out / "chosen.json").write_text(json.dumps({"prehab": chosen, "scores": scores}, indent=2))
+        write_atomic(self.out / "chosen.json", json.dumps({"prehab": chosen, "scores": scores}, indent=2))
         print(f"[sweep] chosen on held-out training images: {chosen} ({scores})", flush=True)
 
     def table_models(self) -> list[str]:
@@ -376,8 +377,8 @@ def write_report(out: Path) -> None:
         lines.append(f"| {method} | " + " | ".join(f"{values[r]:.2f}" if r in values else "-"
                                                    for r in (0.0, 0.2, 0.4, 0.5, 0.6)) + " |")
     lines.append("")
-    (out / "results.md").write_text("\n".join(lines))
-    (out / "results.json").write_text(json.dumps({"chosen": chosen, "paper_table2": PAPER, "rows": rows}, indent=2))
+    write_atomic(out / "results.md", "\n".join(lines))
+    write_atomic(out / "results.json", json.dumps({"chosen": chosen, "paper_table2": PAPER, "rows": rows}, indent=2))
     write_csv(rows, out / "rows.csv")
     plot(rows, chosen, paper, out / "vit_top1.png")
     print("\n".join(lines))
@@ -504,7 +505,7 @@ def main(argv: list[str] | None = None) -> None:
     args.steps = args.steps or settings["max_steps"]
     if not settings["data"].get("heldout_samples") and "sweep" in args.stages:
         raise SystemExit(f"{args.config}: data.init_args.heldout_samples is 0; the sweep needs held-out images.")
-    (out / "settings.json").write_text(json.dumps({"args": vars(args), "settings": settings}, indent=2, default=str))
+    write_atomic(out / "settings.json", json.dumps({"args": vars(args), "settings": settings}, indent=2, default=str))
     bench = Benchmark(args, settings)
     for stage in ("pretrain", "sweep", "table", "rehab", "spectra"):
         if stage in args.stages:

@@ -96,6 +96,14 @@ def spread(values: list[float], digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {half:.{digits}f} (n={len(values)})"
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename, so that another process sharing the output
+    folder (a benchmark split by ``--tasks``) never reads it half-written."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     import csv
 
