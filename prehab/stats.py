@@ -68,7 +68,7 @@ def gram_product(a: Tensor, b: Tensor | None = None, where: str = "") -> Tensor:
     """``aᵀb`` (``aᵀa`` when ``b`` is None) of row-major activations ``(rows, features)``.
 
     Computed in float32 (cheap); when that could overflow although the activations are finite (magnitudes above
-    ~1e17 for 512 rows square past float32's 3.4e38), in float64. Non-finite activations give a non-finite
+    ~4e17 for 512 rows square past float32's 3.4e38), in float64. Non-finite activations give a non-finite
     product, which the callers report as such.
 
     Args:
