@@ -80,8 +80,12 @@ def gram_product(a: Tensor, b: Tensor | None = None, where: str = "") -> Tensor:
         OverflowError: the activations are finite but overflow even a float64 product (magnitudes ~1e154).
     """
     product = _float32_product(a, b)
-    if product is not None:
-        return product
+    return product if product is not None else _float64_product(a, b, where)
+
+
+def _float64_product(a: Tensor, b: Tensor | None, where: str) -> Tensor:
+    """``aᵀb`` in float64, for finite inputs whose float32 product could overflow; OverflowError naming ``where``
+    if even float64 does."""
     wide = a.double()
     product = wide.mT @ (wide if b is None else b.double())
     if not bool(torch.isfinite(product).all()):
@@ -142,7 +146,7 @@ class RunningCovariance:
         buffer = None if self._scratch is None else self._scratch.get(key)
         product = _float32_product(a2, b2, out=buffer)
         if product is None:
-            product = gram_product(a2, b2, where=where)  # float64
+            product = _float64_product(a2, b2, where)  # not the float32 attempt a second time
         elif self._scratch is not None and buffer is None:
             self._scratch[key] = product
         self.add_(product, a2.shape[0])
