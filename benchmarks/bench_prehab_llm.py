@@ -312,7 +312,8 @@ class Benchmark:
         for label in MODEL_ORDER:
             self.dense_row(names[label], "test")
         methods = self.args.table_methods
-        for draw in range(self.args.draws):  # cheapest first, so an interrupted run has whole draws of SVD-LLM
+        # cheapest first, so an interrupted run has whole draws of SVD-LLM
+        for draw in range(self.args.first_draw, self.args.draws):
             for label in MODEL_ORDER if "svd_llm" in methods else ():
                 self.surgery_rows(names[label], "svd_llm", self.args.ratios, draw)
             for label in MODEL_ORDER if "saes_svd" in methods else ():
@@ -438,7 +439,7 @@ class Benchmark:
             best = min(scores, key=scores.get)
             if not best:
                 continue  # the exact closed form won: its test rows are the main table's
-            for draw in range(self.args.draws):
+            for draw in range(self.args.first_draw, self.args.draws):
                 for label in self.args.ridge_models:
                     self.surgery_rows(names[label], method, self.args.ridge_ratios, draw, stage="ridge", ridge=best)
             for samples in self.args.ridge_sizes:
@@ -447,7 +448,7 @@ class Benchmark:
     def calibration_sizes(self) -> None:
         for samples in self.args.calibration_sizes:
             for method in self.args.calibration_methods:
-                for draw in range(self.args.draws):
+                for draw in range(self.args.first_draw, self.args.draws):
                     self.surgery_rows("base", method, [0.2], draw, samples=samples, stage="calibration")
 
 
@@ -804,6 +805,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="penalties tried in the sweep: regularizer:lam[:tail_ratio]")
     parser.add_argument("--steps", type=int, help="fine-tune steps (default: the config's trainer.max_steps)")
     parser.add_argument("--draws", type=int, default=3)
+    parser.add_argument("--first-draw", type=int, default=0,
+                        help="run draws FIRST_DRAW..DRAWS-1 (when draw 0's rows live in another OUT)")
     parser.add_argument("--finetune-seed", type=int, default=0,
                         help="s > 0: fine-tune the control and the chosen penalty again with seed s (stages table, "
                              "rehab, zeroshot), as models control-seed{s} and {chosen}-seed{s}")

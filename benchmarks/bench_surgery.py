@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import platform
 import time
 
 import torch
 
+from prehab import stats
 from prehab.callbacks import SVDLLM
 from prehab.linalg import rank_from_ratio, solve_lowrank
 from prehab.stats import CovarianceCollector, RunningCovariance, calibration_forward_context
@@ -108,34 +110,45 @@ def _before(n: int, data: list[torch.Tensor]) -> torch.Tensor:
     return total
 
 
-def _running(n: int, data: list[torch.Tensor]) -> torch.Tensor:
-    stat = RunningCovariance(n, scratch={})  # as the callbacks' collectors use it
-    for x in data:
-        stat.update(x)
-    return stat.sum
+def _running(n: int, data: list[torch.Tensor], block: int | None = None) -> torch.Tensor:
+    """:class:`RunningCovariance` as the callbacks' collectors use it; ``block`` 0: one product per batch (session
+    13), None: the device's default (triangle tiles on the CPU)."""
+    default = stats.TRIANGLE_BLOCK.get("cpu", 0)
+    stats.TRIANGLE_BLOCK["cpu"] = default if block is None else block
+    try:
+        stat = RunningCovariance(n, scratch={})
+        for x in data:
+            stat.update(x)
+        return stat.sum  # the lower triangle filled in: part of the cost
+    finally:
+        stats.TRIANGLE_BLOCK["cpu"] = default
 
 
-def bench_statistics(features: list[int], rows: int, batches: int) -> list[str]:
+def bench_statistics(features: list[int], rows: list[int], batches: int, tile: int | None = None) -> list[str]:
     """Per-batch time of ``Σ xᵀx`` over ``batches`` batches of ``rows`` rows: the bare float32 product, the
-    accumulation before session 13, and :class:`RunningCovariance` now (overflow bound read from the inputs
-    instead of a check of the product, the product written into a reused buffer, added to float64 without a
-    float64 copy)."""
+    accumulation before session 13, :class:`RunningCovariance` with one product per batch (session 13: overflow
+    bound read from the inputs, the product written into a reused buffer, added to float64 without a copy) and
+    now (the upper triangle by tiles, the lower one filled in at the end; ``tile``: their width, None for the
+    CPU's default)."""
     out = [
         "| features | rows per batch | x.T @ x alone (ms) | before: + product check + float64 add (ms) | "
-        "RunningCovariance.update (ms) | before / alone | now / alone |",
-        "|---|---|---|---|---|---|---|",
+        "one product per batch (ms) | triangle tiles (ms) | before / alone | one product / alone | "
+        "triangle / alone |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    routes = (("bare", _bare_products), ("before", _before), ("single", functools.partial(_running, block=0)),
+              ("now", functools.partial(_running, block=tile)))
     for n in features:
-        g = torch.Generator().manual_seed(0)
-        data = [torch.randn(rows, n, generator=g) for _ in range(batches)]
-        times = {
-            name: _timed(lambda fn=fn, n=n, data=data: fn(n, data), 2) / batches * 1e3
-            for name, fn in (("bare", _bare_products), ("before", _before), ("now", _running))
-        }
-        out.append(
-            f"| {n} | {rows} | {times['bare']:.1f} | {times['before']:.1f} | {times['now']:.1f} "
-            f"| {times['before'] / times['bare']:.2f}x | {times['now'] / times['bare']:.2f}x |"
-        )
+        for count in rows:
+            g = torch.Generator().manual_seed(0)
+            data = [torch.randn(count, n, generator=g) for _ in range(batches)]
+            times = {name: _timed(lambda fn=fn, n=n, data=data: fn(n, data), 2) / batches * 1e3
+                     for name, fn in routes}
+            out.append(
+                f"| {n} | {count} | {times['bare']:.1f} | {times['before']:.1f} | {times['single']:.1f} | "
+                f"{times['now']:.1f} | {times['before'] / times['bare']:.2f}x | {times['single'] / times['bare']:.2f}x "
+                f"| {times['now'] / times['bare']:.2f}x |"
+            )
     return out
 
 
@@ -197,20 +210,28 @@ def bench_block_statistics(hidden: int, mlp: int, heads: int, windows: int, seq_
         for x in inputs:
             block(x, position_embeddings=rotary)
 
-    def hooked():
-        collector = CovarianceCollector(targets, features)
-        with collector.hooks():
-            bare()
-        collector.means_()
+    def hooked(block: int | None = None):
+        default = getattr(stats, "TRIANGLE_BLOCK", {}).get("cpu", 0)  # (older versions have no triangle route)
+        if block is not None and hasattr(stats, "TRIANGLE_BLOCK"):
+            stats.TRIANGLE_BLOCK["cpu"] = block
+        try:
+            collector = CovarianceCollector(targets, features)
+            with collector.hooks():
+                bare()
+            collector.means_()
+        finally:
+            if hasattr(stats, "TRIANGLE_BLOCK"):
+                stats.TRIANGLE_BLOCK["cpu"] = default
 
     with calibration_forward_context(model):
         bare()  # warm-up
-        t_bare, t_hooked = _timed(bare, 2), _timed(hooked, 2)
+        t_bare, t_single, t_hooked = _timed(bare, 2), _timed(lambda: hooked(0), 2), _timed(hooked, 2)
     return [
-        "| block (hidden, MLP) | tokens | block forward (s) | with statistics (s) | statistics / block forward |",
-        "|---|---|---|---|---|",
-        f"| {hidden}, {mlp} | {windows} x {seq_len} | {t_bare:.2f} | {t_hooked:.2f} | "
-        f"{(t_hooked - t_bare) / t_bare:.2f}x |",
+        "| block (hidden, MLP) | tokens | block forward (s) | with statistics, one product per batch (s) | "
+        "with statistics, triangle tiles (s) | statistics / block forward: one product | triangle tiles |",
+        "|---|---|---|---|---|---|---|",
+        f"| {hidden}, {mlp} | {windows} x {seq_len} | {t_bare:.2f} | {t_single:.2f} | {t_hooked:.2f} | "
+        f"{(t_single - t_bare) / t_bare:.2f}x | {(t_hooked - t_bare) / t_bare:.2f}x |",
     ]
 
 
@@ -256,9 +277,9 @@ def main(argv: list[str] | None = None) -> None:
     if "statistics" in parts:
         print("\n## Accumulating one batch's covariance (float64 result) against the bare float32 product\n")
         if args.smoke:
-            print("\n".join(bench_statistics([32, 96], rows=16, batches=2)))
+            print("\n".join(bench_statistics([32, 96], rows=[16], batches=2, tile=16)))
         else:
-            print("\n".join(bench_statistics([576, 1536, 4096, 11008], rows=512, batches=4)))
+            print("\n".join(bench_statistics([576, 1536, 4096, 11008], rows=[512, 2048], batches=4)))
     if "error" in parts:
         print("\n## The report's relative output error per layer (one stream, float64)\n")
         shapes = [(64, 256), (256, 64)] if args.smoke else [(576, 1536), (1536, 576), (2048, 2048), (2048, 5504)]

@@ -1,6 +1,7 @@
 """GPU check (issue 12): every calibrated surgery method on SmolLM2-135M and on two LLaMA-7B-shaped blocks.
 
-For each method (svd_llm, aa_svd, saes_svd, and saes_svd_onepass: ``true_sequential=False``) at ratio 0.2 it
+For each method (svd_llm, aa_svd, saes_svd, saes_svd_onepass: ``true_sequential=False``, and svd_llm_tiles: the
+statistics' Gram products by 2048-wide tiles on the upper triangle, the CPU's route) at ratio 0.2 it
 prints the compression time, that time divided by one plain forward pass over the same calibration set, the peak
 ``torch.cuda.max_memory_allocated`` during the compression, and (SmolLM2 only) WikiText-2 test perplexity; it
 writes a JSON and a markdown table naming the device. About 6 minutes on one H100 (estimate; never run on a GPU
@@ -41,7 +42,11 @@ METHODS = {
     "aa_svd": ("aa_svd", {}),
     "saes_svd": ("saes_svd", {}),
     "saes_svd_onepass": ("saes_svd", {"true_sequential": False}),
+    "svd_llm_tiles": ("svd_llm", {}),
 }
+# *_tiles: the Gram products by ``--tile``-wide tiles on the upper triangle (the CPU's route; on a GPU the package
+# keeps one product per batch until this comparison says otherwise)
+TILED = {"svd_llm_tiles"}
 
 
 def _sync(device: torch.device) -> None:
@@ -144,7 +149,7 @@ def _inference(args: argparse.Namespace, device: torch.device) -> str:
 
 
 def _run(case: dict, args: argparse.Namespace, device: torch.device) -> list[dict]:
-    from prehab import LowRankLinear
+    from prehab import LowRankLinear, stats
     from prehab.callbacks import METHODS as CALLBACKS
     from prehab.evaluation import perplexity
 
@@ -165,11 +170,18 @@ def _run(case: dict, args: argparse.Namespace, device: torch.device) -> list[dic
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
-        _sync(device)
-        tick = time.perf_counter()
-        callback.compress(model, calibration, progress=False)
-        _sync(device)
-        seconds = time.perf_counter() - tick
+        default_tile = stats.TRIANGLE_BLOCK.get(device.type)
+        stats.TRIANGLE_BLOCK[device.type] = args.tile if method in TILED else default_tile or 0
+        try:
+            _sync(device)
+            tick = time.perf_counter()
+            callback.compress(model, calibration, progress=False)
+            _sync(device)
+            seconds = time.perf_counter() - tick
+        finally:
+            stats.TRIANGLE_BLOCK.pop(device.type)
+            if default_tile is not None:
+                stats.TRIANGLE_BLOCK[device.type] = default_tile
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         row = {
             "case": case["name"],
@@ -229,8 +241,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "gpu_check.json"))
+    parser.add_argument("--tile", type=int, default=2048, help="tile width of the *_tiles methods' Gram products")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny random model on the CPU (seconds)")
     args = parser.parse_args()
+    if args.cpu_smoke:
+        args.tile = 16  # narrower than the tiny model's 64 features, so the tiles are exercised
 
     if args.cpu_smoke:
         device, device_name = torch.device("cpu"), "CPU (smoke test)"

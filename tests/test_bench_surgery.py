@@ -18,6 +18,6 @@ def test_smoke_mode_statistics_and_report_error(capsys):
     for *_, before, now in errors:  # the cheaper route computes the same relative error
         assert 0 < float(now) < 1
         assert abs(float(before) - float(now)) < 1e-9
-    assert re.search(r"\| 64, 160 \| 2 x 16 \| [\d.]+ \| [\d.]+ \| -?[\d.]+x \|", printed)
+    assert re.search(r"\| 64, 160 \| 2 x 16 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| -?[\d.]+x \| -?[\d.]+x \|", printed)
     betas = [float(b) for b in re.findall(r"^\| \d+x\d+ \| 40 \| [\d.]+ \| ([\d.]+) \|$", printed, re.M)]
     assert len(betas) == 2 and all(0.25 <= b <= 0.75 for b in betas)  # ACES's default interval

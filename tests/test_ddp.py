@@ -10,7 +10,9 @@ from prehab.callbacks import AASVD, SAESSVD, SVDLLM
 SCRIPT = Path(__file__).parent / "ddp_compress_script.py"
 
 
-def test_ddp_ranks_identical_and_equal_to_single_process(tmp_path):
+def test_ddp_ranks_identical_and_equal_to_single_process(tmp_path, monkeypatch):
+    from prehab import stats
+
     run_ddp_script(SCRIPT, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert ranks[0]["world"] == 2
@@ -20,7 +22,9 @@ def test_ddp_ranks_identical_and_equal_to_single_process(tmp_path):
         ("aa_svd", AASVD),
         ("svd_llm", SVDLLM),
         ("svd_llm_blockwise", SVDLLM),  # block by block under DDP = one process's whole-model pass
+        ("svd_llm_triangle", SVDLLM),  # statistics by triangle tiles (5 wide) under DDP and in one process
     ):
+        monkeypatch.setitem(stats.TRIANGLE_BLOCK, "cpu", 5 if method == "svd_llm_triangle" else 0)
         zero, one = ranks[0]["states"][method], ranks[1]["states"][method]
         lowrank_keys = [k for k in zero if k.endswith(("up.weight", "down.weight"))]
         assert len(lowrank_keys) == 28

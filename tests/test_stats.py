@@ -4,7 +4,69 @@ import pytest
 import torch
 from torch import nn
 
+from prehab import stats
 from prehab.stats import CovarianceCollector, RunningCovariance, calibration_forward_context, input_hooks
+
+
+@pytest.fixture(autouse=True, params=["single product", "triangle of 3x3 tiles"])
+def gram_route(request, monkeypatch):
+    """Every test here runs twice: ``aᵀa`` as one product, and tile by tile on the upper triangle (inputs of 4-8
+    features are wider than a 3-wide tile, so partial tiles are covered too)."""
+    monkeypatch.setitem(stats.TRIANGLE_BLOCK, "cpu", 0 if request.param == "single product" else 3)
+    return request.param
+
+
+def test_mirror_upper_fills_the_lower_triangle_in_place():
+    matrix = torch.randn(8, 8, dtype=torch.float64)
+    expected = matrix.triu() + matrix.triu(1).T
+    stats._mirror_upper_(matrix, 3)
+    assert torch.equal(matrix, expected)
+
+
+def test_triangle_updates_match_products_and_are_exactly_symmetric(monkeypatch):
+    """Tiles of 3 over 7 features (a partial last tile), several batches, a full-product ``add_`` between them and
+    a second accumulator of another width sharing the tile buffer: the sum is ``Σ aᵀa``, symmetric bit for bit."""
+    monkeypatch.setitem(stats.TRIANGLE_BLOCK, "cpu", 3)
+    generator = torch.Generator().manual_seed(0)
+    batches = torch.randn(4, 5, 7, generator=generator)
+    scratch: dict = {}
+    stat, other = RunningCovariance(7, scratch=scratch), RunningCovariance(5, scratch=scratch)
+    for i, x in enumerate(batches):
+        stat.update(x)
+        other.update(x[:, :5])
+        if i == 1:
+            stat.add_(x.T @ x, x.shape[0])  # a caller's precomputed product lands on both triangles
+    assert len(scratch) == 1  # one float32 tile buffer for both widths
+    flat = batches.reshape(-1, 7).double()
+    expected = flat.T @ flat + batches[1].double().T @ batches[1].double()
+    torch.testing.assert_close(stat.sum, expected, rtol=1e-6, atol=1e-5)
+    assert torch.equal(stat.sum, stat.sum.T)
+    assert stat.count == 25
+    torch.testing.assert_close(other.mean(), flat[:, :5].T @ flat[:, :5] / 20, rtol=1e-6, atol=1e-6)
+
+
+def test_collector_gives_the_same_statistics_by_either_route(monkeypatch):
+    """A tiny Llama's input covariances with and without triangle tiles agree to float32 round-off."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=40, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, bos_token_id=0, eos_token_id=1)
+    model = LlamaForCausalLM(config).eval()
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and "layers" in n}
+    batch = torch.randint(0, 64, (2, 9))
+    means = {}
+    for block in (0, 6):
+        monkeypatch.setitem(stats.TRIANGLE_BLOCK, "cpu", block)
+        collector = CovarianceCollector(linears, {n: m.in_features for n, m in linears.items()})
+        with calibration_forward_context(model), collector.hooks():
+            model(batch)
+            model(batch.flip(1))
+        means[block] = collector.means_()
+    assert means[0].keys() == means[6].keys() and len(means[0]) == len(linears)
+    for name in means[0]:
+        torch.testing.assert_close(means[6][name], means[0][name], rtol=1e-5, atol=1e-6)
+        assert torch.equal(means[6][name], means[6][name].T)
 
 
 def test_running_covariance_equals_full_products():
@@ -21,7 +83,7 @@ def test_running_covariance_equals_full_products():
     assert g.sum.dtype == torch.float64
 
 
-def test_running_covariances_sharing_a_scratch_buffer_equal_full_products():
+def test_running_covariances_sharing_a_scratch_buffer_equal_full_products(gram_route):
     """``H``, ``C`` and a wider cross term take turns writing their batch products into shared float32 buffers
     (one per shape); each sum still equals its own product of all rows."""
     generator = torch.Generator().manual_seed(0)
@@ -32,7 +94,8 @@ def test_running_covariances_sharing_a_scratch_buffer_equal_full_products():
         h.update(x_hat[i])
         c.update(x[i], x_hat[i])
         cross.update(x[i], y[i])
-    assert len(scratch) == 2  # one buffer per (rows, cols) shape
+    # one buffer per (rows, cols) shape, and H's tile buffer when it goes by tiles
+    assert len(scratch) == (2 if gram_route == "single product" else 3)
     flat, flat_hat, flat_y = (t.reshape(-1, t.shape[-1]).double() for t in (x, x_hat, y))
     assert h.count == c.count == cross.count == 63
     torch.testing.assert_close(h.sum, flat_hat.T @ flat_hat, rtol=1e-6, atol=1e-5)
