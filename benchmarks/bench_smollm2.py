@@ -146,15 +146,15 @@ def main() -> None:
             if name.endswith("_head"):
                 untie_output_embeddings(compressed)
             callback = METHODS[name](ratio, len(calibration))
-            default_tile = stats.TRIANGLE_BLOCK["cpu"]
-            stats.TRIANGLE_BLOCK["cpu"] = 0 if name.endswith("_single") else default_tile
+            default_tile = stats.TILE_WIDTH["cpu"]
+            stats.TILE_WIDTH["cpu"] = 0 if name.endswith("_single") else default_tile
             try:
                 with PeakRSS() as memory:
                     tick = time.perf_counter()
                     callback.compress(compressed, calibration, progress=False)
                     seconds = time.perf_counter() - tick
             finally:
-                stats.TRIANGLE_BLOCK["cpu"] = default_tile
+                stats.TILE_WIDTH["cpu"] = default_tile
             ppl = perplexity(compressed, test)
             calibration_seconds = callback.report.seconds["calibration"]  # without the solver's time
             print(

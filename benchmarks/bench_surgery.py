@@ -93,62 +93,63 @@ def bench_calibration(hidden: int, layers: int, batches: int, batch_size: int, s
     ]
 
 
-def _bare_products(n: int, data: list[torch.Tensor]) -> None:
-    for x in data:
-        x.mT @ x
+def _bare_products(n: int, data: list[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+    for x, y in data:
+        x.mT @ (x if y is None else y)
 
 
-def _before(n: int, data: list[torch.Tensor]) -> torch.Tensor:
+def _before(n: int, data: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
     """The accumulation of sessions 1-12, for comparison: a float32 product per batch, a check of the whole
     product for overflow, an add into the float64 sum."""
     total = torch.zeros(n, n, dtype=torch.float64)
-    for x in data:
-        product = x.mT @ x
+    for x, y in data:
+        product = x.mT @ (x if y is None else y)
         if not bool(torch.isfinite(product).all()):
             raise AssertionError("not reached with these inputs")
         total += product
     return total
 
 
-def _running(n: int, data: list[torch.Tensor], block: int | None = None) -> torch.Tensor:
-    """:class:`RunningCovariance` as the callbacks' collectors use it; ``block`` 0: one product per batch (session
-    13), None: the device's default (triangle tiles on the CPU)."""
-    default = stats.TRIANGLE_BLOCK.get("cpu", 0)
-    stats.TRIANGLE_BLOCK["cpu"] = default if block is None else block
+def _running(n: int, data: list[tuple[torch.Tensor, torch.Tensor | None]], tile: int | None = None) -> torch.Tensor:
+    """:class:`RunningCovariance` as the callbacks' collectors use it; ``tile`` 0: one product per batch (session
+    13), None: the device's default (tiles on the CPU)."""
+    default = stats.TILE_WIDTH.get("cpu", 0)
+    stats.TILE_WIDTH["cpu"] = default if tile is None else tile
     try:
-        stat = RunningCovariance(n, scratch={})
-        for x in data:
-            stat.update(x)
-        return stat.sum  # the lower triangle filled in: part of the cost
+        stat = RunningCovariance(n, n, scratch={})
+        for x, y in data:
+            stat.update(x, y)
+        return stat.sum  # a symmetric sum's lower triangle filled in: part of the cost
     finally:
-        stats.TRIANGLE_BLOCK["cpu"] = default
+        stats.TILE_WIDTH["cpu"] = default
 
 
 def bench_statistics(features: list[int], rows: list[int], batches: int, tile: int | None = None) -> list[str]:
-    """Per-batch time of ``Σ xᵀx`` over ``batches`` batches of ``rows`` rows: the bare float32 product, the
-    accumulation before session 13, :class:`RunningCovariance` with one product per batch (session 13: overflow
-    bound read from the inputs, the product written into a reused buffer, added to float64 without a copy) and
-    now (the upper triangle by tiles, the lower one filled in at the end; ``tile``: their width, None for the
-    CPU's default)."""
+    """Per-batch time of ``Σ xᵀx`` (one stream's ``G``, two streams' ``H``) and of ``Σ xᵀy`` (two streams' ``C``)
+    over ``batches`` batches of ``rows`` rows: the bare float32 product, the accumulation before session 13,
+    :class:`RunningCovariance` with one product per batch (session 13: overflow bound read from the inputs, the
+    product written into a reused buffer, added to float64 without a copy) and by tiles (``xᵀx`` on the upper
+    triangle, the lower one filled in at the end; ``tile``: their width, None for the CPU's default)."""
     out = [
-        "| features | rows per batch | x.T @ x alone (ms) | before: + product check + float64 add (ms) | "
-        "one product per batch (ms) | triangle tiles (ms) | before / alone | one product / alone | "
-        "triangle / alone |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| product | features | rows per batch | alone (ms) | before: + product check + float64 add (ms) | "
+        "one product per batch (ms) | tiles (ms) | before / alone | one product / alone | tiles / alone |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    routes = (("bare", _bare_products), ("before", _before), ("single", functools.partial(_running, block=0)),
-              ("now", functools.partial(_running, block=tile)))
-    for n in features:
-        for count in rows:
-            g = torch.Generator().manual_seed(0)
-            data = [torch.randn(count, n, generator=g) for _ in range(batches)]
-            times = {name: _timed(lambda fn=fn, n=n, data=data: fn(n, data), 2) / batches * 1e3
-                     for name, fn in routes}
-            out.append(
-                f"| {n} | {count} | {times['bare']:.1f} | {times['before']:.1f} | {times['single']:.1f} | "
-                f"{times['now']:.1f} | {times['before'] / times['bare']:.2f}x | {times['single'] / times['bare']:.2f}x "
-                f"| {times['now'] / times['bare']:.2f}x |"
-            )
+    routes = (("bare", _bare_products), ("before", _before), ("single", functools.partial(_running, tile=0)),
+              ("tiles", functools.partial(_running, tile=tile)))
+    for kind in ("xᵀx", "xᵀy"):
+        for n in features:
+            for count in rows:
+                g = torch.Generator().manual_seed(0)
+                data = [(torch.randn(count, n, generator=g), None if kind == "xᵀx" else torch.randn(count, n))
+                        for _ in range(batches)]
+                times = {name: _timed(lambda fn=fn, n=n, data=data: fn(n, data), 2) / batches * 1e3
+                         for name, fn in routes}
+                out.append(
+                    f"| {kind} | {n} | {count} | {times['bare']:.1f} | {times['before']:.1f} | "
+                    f"{times['single']:.1f} | {times['tiles']:.1f} | {times['before'] / times['bare']:.2f}x | "
+                    f"{times['single'] / times['bare']:.2f}x | {times['tiles'] / times['bare']:.2f}x |"
+                )
     return out
 
 
@@ -211,24 +212,24 @@ def bench_block_statistics(hidden: int, mlp: int, heads: int, windows: int, seq_
             block(x, position_embeddings=rotary)
 
     def hooked(block: int | None = None):
-        default = getattr(stats, "TRIANGLE_BLOCK", {}).get("cpu", 0)  # (older versions have no triangle route)
-        if block is not None and hasattr(stats, "TRIANGLE_BLOCK"):
-            stats.TRIANGLE_BLOCK["cpu"] = block
+        default = getattr(stats, "TILE_WIDTH", {}).get("cpu", 0)  # (older versions have no tiles)
+        if block is not None and hasattr(stats, "TILE_WIDTH"):
+            stats.TILE_WIDTH["cpu"] = block
         try:
             collector = CovarianceCollector(targets, features)
             with collector.hooks():
                 bare()
             collector.means_()
         finally:
-            if hasattr(stats, "TRIANGLE_BLOCK"):
-                stats.TRIANGLE_BLOCK["cpu"] = default
+            if hasattr(stats, "TILE_WIDTH"):
+                stats.TILE_WIDTH["cpu"] = default
 
     with calibration_forward_context(model):
         bare()  # warm-up
         t_bare, t_single, t_hooked = _timed(bare, 2), _timed(lambda: hooked(0), 2), _timed(hooked, 2)
     return [
         "| block (hidden, MLP) | tokens | block forward (s) | with statistics, one product per batch (s) | "
-        "with statistics, triangle tiles (s) | statistics / block forward: one product | triangle tiles |",
+        "with statistics, tiles (s) | statistics / block forward: one product | tiles |",
         "|---|---|---|---|---|---|---|",
         f"| {hidden}, {mlp} | {windows} x {seq_len} | {t_bare:.2f} | {t_single:.2f} | {t_hooked:.2f} | "
         f"{(t_single - t_bare) / t_bare:.2f}x | {(t_hooked - t_bare) / t_bare:.2f}x |",

@@ -170,8 +170,8 @@ def _run(case: dict, args: argparse.Namespace, device: torch.device) -> list[dic
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
-        default_tile = stats.TRIANGLE_BLOCK.get(device.type)
-        stats.TRIANGLE_BLOCK[device.type] = args.tile if method in TILED else default_tile or 0
+        default_tile = stats.TILE_WIDTH.get(device.type)
+        stats.TILE_WIDTH[device.type] = args.tile if method in TILED else default_tile or 0
         try:
             _sync(device)
             tick = time.perf_counter()
@@ -179,9 +179,9 @@ def _run(case: dict, args: argparse.Namespace, device: torch.device) -> list[dic
             _sync(device)
             seconds = time.perf_counter() - tick
         finally:
-            stats.TRIANGLE_BLOCK.pop(device.type)
+            stats.TILE_WIDTH.pop(device.type)
             if default_tile is not None:
-                stats.TRIANGLE_BLOCK[device.type] = default_tile
+                stats.TILE_WIDTH[device.type] = default_tile
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         row = {
             "case": case["name"],

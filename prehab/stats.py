@@ -29,11 +29,12 @@ __all__ = [
 _FLOAT32_SAFE = 1e38
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 
-# A running ``aᵀa`` of inputs wider than one block is accumulated on its upper triangle of ``block x block`` tiles,
-# the lower one filled in once when the sum is read: about half the products and half the float64 additions, and
-# tiles small enough to stay in cache between the product and the add (``bench_surgery.py --only statistics``:
-# 0.3-0.6x the single product on this CPU). Devices not listed keep the single product (not measured there).
-TRIANGLE_BLOCK: dict[str, int] = {"cpu": 512}
+# A running ``aᵀb`` wider than one block is accumulated by ``block x block`` tiles, each added to the float64 sum
+# while it is still in cache; a symmetric ``aᵀa`` only on and above the diagonal, the lower triangle filled in once
+# when the sum is read (about half the products and adds). ``bench_surgery.py --only statistics``: 0.6-1.0x the
+# bare float32 product from 1536 features on, against 1.1-1.6x for one product per batch added whole. Devices
+# not listed keep one product per batch (not measured there).
+TILE_WIDTH: dict[str, int] = {"cpu": 512}
 
 
 def _peak(x: Tensor) -> float:
@@ -121,9 +122,9 @@ class RunningCovariance:
 
     Each batch's product is computed in float32 (cheap; in float64 when the inputs' magnitudes could overflow
     float32, see :func:`gram_product`) and added to a float64 sum (exact enough over many batches; the sum does not
-    depend on how batches are grouped, so DDP ranks and one process agree to float64 round-off). A symmetric
-    ``aᵀa`` wider than the device's :data:`TRIANGLE_BLOCK` is accumulated tile by tile on its upper triangle and
-    mirrored when :attr:`sum` is read. ``scratch``: a
+    depend on how batches are grouped, so DDP ranks and one process agree to float64 round-off). A product wider
+    than the device's :data:`TILE_WIDTH` is accumulated tile by tile (a symmetric ``aᵀa`` on its upper triangle,
+    mirrored when :attr:`sum` is read). ``scratch``: a
     dict shared by accumulators that take turns (a collector's), holding one float32 product buffer per shape so
     that a batch's product is written in place instead of allocated (None: a new product per batch, nothing
     kept). ``mean()`` divides by the count; solvers are invariant to that scale, but it keeps numbers
@@ -146,7 +147,7 @@ class RunningCovariance:
     def sum(self) -> Tensor:
         """The float64 sum ``Σ aᵀb`` (after triangle updates, its lower triangle is filled in first)."""
         if self._lower_stale:
-            _mirror_upper_(self._sum, TRIANGLE_BLOCK.get(self._sum.device.type, self._sum.shape[0]))
+            _mirror_upper_(self._sum, TILE_WIDTH.get(self._sum.device.type, self._sum.shape[0]))
             self._lower_stale = False
         return self._sum
 
@@ -158,12 +159,14 @@ class RunningCovariance:
         b2 = None if b is None else token_rows(b.detach(), mask)
         if b2 is not None and b2.shape[0] != a2.shape[0]:
             raise ValueError(f"streams have {a2.shape[0]} and {b2.shape[0]} rows; they must be paired.")
-        block = TRIANGLE_BLOCK.get(a2.device.type, 0)
-        if b2 is None and 0 < block < a2.shape[1] and self._sum.device == a2.device:
-            peak = _peak(a2)  # the input bound only: tiles are added as they come, no product to check after
-            if math.isfinite(peak) and peak <= _FLOAT32_MAX and a2.shape[0] * peak * peak < _FLOAT32_SAFE:
-                self._add_upper_triangle(a2, block)
-                return
+        block = TILE_WIDTH.get(a2.device.type, 0)
+        if 0 < block < max(self._sum.shape) and self._sum.device == a2.device:
+            # the input bound only: tiles are added as they come, there is no whole product to check after
+            peaks = [_peak(a2)] if b2 is None else [_peak(a2), _peak(b2)]
+            if all(math.isfinite(p) and p <= _FLOAT32_MAX for p in peaks):
+                if a2.shape[0] * peaks[0] * peaks[-1] < _FLOAT32_SAFE:
+                    self._add_tiles(a2, b2, block)
+                    return
         # a buffer made in inference mode cannot be written outside it (and the reverse is refused too)
         key = (a2.shape[1], a2.shape[1] if b2 is None else b2.shape[1], a2.device, torch.is_inference_mode_enabled())
         buffer = None if self._scratch is None else self._scratch.get(key)
@@ -174,23 +177,24 @@ class RunningCovariance:
             self._scratch[key] = product
         self.add_(product, a2.shape[0])
 
-    def _add_upper_triangle(self, a: Tensor, block: int) -> None:
-        """``aᵀa`` tile by tile on and above the diagonal, each float32 tile added to the float64 sum at once."""
+    def _add_tiles(self, a: Tensor, b: Tensor | None, block: int) -> None:
+        """``aᵀb`` tile by tile (``aᵀa``: on and above the diagonal only), each float32 tile added to the float64
+        sum at once, while it is still in cache."""
         narrow = a.float()
-        features = narrow.shape[1]
-        key = ("triangle", block, a.device, torch.is_inference_mode_enabled())
+        other = narrow if b is None else b.float()
+        key = ("tiles", block, a.device, torch.is_inference_mode_enabled())
         tile = None if self._scratch is None else self._scratch.get(key)
         if tile is None:
             tile = torch.empty(block * block, dtype=torch.float32, device=a.device)
             if self._scratch is not None:
                 self._scratch[key] = tile
-        for i in range(0, features, block):
+        for i in range(0, narrow.shape[1], block):
             left = narrow[:, i : i + block].mT
-            for j in range(i, features, block):
-                right = narrow[:, j : j + block]
+            for j in range(i if b is None else 0, other.shape[1], block):
+                right = other[:, j : j + block]
                 product = torch.mm(left, right, out=tile[: left.shape[0] * right.shape[1]].view(left.shape[0], -1))
                 self._sum[i : i + block, j : j + block].add_(product)
-        self._lower_stale = True
+        self._lower_stale = self._lower_stale or b is None
         self.count += a.shape[0]
 
     def add_(self, product: Tensor, count: int) -> None:

@@ -11,8 +11,8 @@ def test_smoke_mode_statistics_and_report_error(capsys):
     main = runpy.run_path(str(BENCH))["main"]
     main(["--smoke", "--only", "statistics", "error", "block", "aces"])
     printed = capsys.readouterr().out
-    statistics = [line for line in printed.splitlines() if re.match(r"\| (32|96) \| 16 \|", line)]
-    assert len(statistics) == 2
+    statistics = [line for line in printed.splitlines() if re.match(r"\| xᵀ[xy] \| (32|96) \| 16 \|", line)]
+    assert len(statistics) == 4
     errors = re.findall(r"\| (\d+)x(\d+) \| \d+ \|.*\| ([\d.]+) / ([\d.]+) \|", printed)
     assert [(o, i) for o, i, *_ in errors] == [("64", "256"), ("256", "64")]
     for *_, before, now in errors:  # the cheaper route computes the same relative error

@@ -22,9 +22,10 @@ def test_ddp_ranks_identical_and_equal_to_single_process(tmp_path, monkeypatch):
         ("aa_svd", AASVD),
         ("svd_llm", SVDLLM),
         ("svd_llm_blockwise", SVDLLM),  # block by block under DDP = one process's whole-model pass
-        ("svd_llm_triangle", SVDLLM),  # statistics by triangle tiles (5 wide) under DDP and in one process
+        ("svd_llm_tiles", SVDLLM),  # statistics by 5-wide tiles under DDP and in one process
+        ("saes_svd_tiles", SAESSVD),  # the two-stream H (upper triangle) and C (all tiles) too
     ):
-        monkeypatch.setitem(stats.TRIANGLE_BLOCK, "cpu", 5 if method == "svd_llm_triangle" else 0)
+        monkeypatch.setitem(stats.TILE_WIDTH, "cpu", 5 if method.endswith("_tiles") else 0)
         zero, one = ranks[0]["states"][method], ranks[1]["states"][method]
         lowrank_keys = [k for k in zero if k.endswith(("up.weight", "down.weight"))]
         assert len(lowrank_keys) == 28

@@ -8,11 +8,11 @@ from prehab import stats
 from prehab.stats import CovarianceCollector, RunningCovariance, calibration_forward_context, input_hooks
 
 
-@pytest.fixture(autouse=True, params=["single product", "triangle of 3x3 tiles"])
+@pytest.fixture(autouse=True, params=["single product", "3x3 tiles"])
 def gram_route(request, monkeypatch):
-    """Every test here runs twice: ``aᵀa`` as one product, and tile by tile on the upper triangle (inputs of 4-8
-    features are wider than a 3-wide tile, so partial tiles are covered too)."""
-    monkeypatch.setitem(stats.TRIANGLE_BLOCK, "cpu", 0 if request.param == "single product" else 3)
+    """Every test here runs twice: each batch's ``aᵀb`` as one product, and tile by tile (``aᵀa`` on the upper
+    triangle; inputs of 4-8 features are wider than a 3-wide tile, so partial tiles are covered too)."""
+    monkeypatch.setitem(stats.TILE_WIDTH, "cpu", 0 if request.param == "single product" else 3)
     return request.param
 
 
@@ -26,7 +26,7 @@ def test_mirror_upper_fills_the_lower_triangle_in_place():
 def test_triangle_updates_match_products_and_are_exactly_symmetric(monkeypatch):
     """Tiles of 3 over 7 features (a partial last tile), several batches, a full-product ``add_`` between them and
     a second accumulator of another width sharing the tile buffer: the sum is ``Σ aᵀa``, symmetric bit for bit."""
-    monkeypatch.setitem(stats.TRIANGLE_BLOCK, "cpu", 3)
+    monkeypatch.setitem(stats.TILE_WIDTH, "cpu", 3)
     generator = torch.Generator().manual_seed(0)
     batches = torch.randn(4, 5, 7, generator=generator)
     scratch: dict = {}
@@ -57,7 +57,7 @@ def test_collector_gives_the_same_statistics_by_either_route(monkeypatch):
     batch = torch.randint(0, 64, (2, 9))
     means = {}
     for block in (0, 6):
-        monkeypatch.setitem(stats.TRIANGLE_BLOCK, "cpu", block)
+        monkeypatch.setitem(stats.TILE_WIDTH, "cpu", block)
         collector = CovarianceCollector(linears, {n: m.in_features for n, m in linears.items()})
         with calibration_forward_context(model), collector.hooks():
             model(batch)
@@ -94,8 +94,8 @@ def test_running_covariances_sharing_a_scratch_buffer_equal_full_products(gram_r
         h.update(x_hat[i])
         c.update(x[i], x_hat[i])
         cross.update(x[i], y[i])
-    # one buffer per (rows, cols) shape, and H's tile buffer when it goes by tiles
-    assert len(scratch) == (2 if gram_route == "single product" else 3)
+    # one buffer per (rows, cols) shape
+    assert len(scratch) == (2 if gram_route == "single product" else 1)  # or one tile buffer for all
     flat, flat_hat, flat_y = (t.reshape(-1, t.shape[-1]).double() for t in (x, x_hat, y))
     assert h.count == c.count == cross.count == 63
     torch.testing.assert_close(h.sum, flat_hat.T @ flat_hat, rtol=1e-6, atol=1e-5)
