@@ -147,7 +147,7 @@ class RunningCovariance:
     def sum(self) -> Tensor:
         """The float64 sum ``Σ aᵀb`` (after triangle updates, its lower triangle is filled in first)."""
         if self._lower_stale:
-            _mirror_upper_(self._sum, TILE_WIDTH.get(self._sum.device.type, self._sum.shape[0]))
+            _mirror_upper_(self._sum, 512)  # any tile size mirrors alike (TILE_WIDTH may have changed since)
             self._lower_stale = False
         return self._sum
 

@@ -42,6 +42,10 @@ def test_triangle_updates_match_products_and_are_exactly_symmetric(monkeypatch):
     torch.testing.assert_close(stat.sum, expected, rtol=1e-6, atol=1e-5)
     assert torch.equal(stat.sum, stat.sum.T)
     assert stat.count == 25
+    stat.update(batches[0])
+    monkeypatch.setitem(stats.TILE_WIDTH, "cpu", 0)  # the tiles' width changed (or gone) before the sum is read
+    torch.testing.assert_close(stat.sum, expected + flat[:5].T @ flat[:5], rtol=1e-6, atol=1e-5)
+    assert torch.equal(stat.sum, stat.sum.T)
     torch.testing.assert_close(other.mean(), flat[:, :5].T @ flat[:, :5] / 20, rtol=1e-6, atol=1e-6)
 
 
