@@ -29,11 +29,11 @@ __all__ = [
 _FLOAT32_SAFE = 1e38
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 
-# A running ``aᵀb`` wider than one block is accumulated by ``block x block`` tiles, each added to the float64 sum
-# while it is still in cache; a symmetric ``aᵀa`` only on and above the diagonal, the lower triangle filled in once
-# when the sum is read (about half the products and adds). ``bench_surgery.py --only statistics``: 0.6-1.0x the
-# bare float32 product from 1536 features on, against 1.1-1.6x for one product per batch added whole. Devices
-# not listed keep one product per batch (not measured there).
+# A running ``aᵀb`` at least two tiles wide is accumulated by tiles of about this width, each added to the float64
+# sum while it is still in cache; a symmetric ``aᵀa`` only on and above the diagonal, the lower triangle filled in
+# once when the sum is read (about half the products and adds). ``bench_surgery.py --only statistics``: ``aᵀa`` at
+# 0.6-0.9x the bare float32 product from 1536 features on, against 1.1-1.8x for one product per batch added whole.
+# Devices not listed keep one product per batch (not measured there).
 TILE_WIDTH: dict[str, int] = {"cpu": 512}
 
 
@@ -160,12 +160,15 @@ class RunningCovariance:
         if b2 is not None and b2.shape[0] != a2.shape[0]:
             raise ValueError(f"streams have {a2.shape[0]} and {b2.shape[0]} rows; they must be paired.")
         block = TILE_WIDTH.get(a2.device.type, 0)
-        if 0 < block < max(self._sum.shape) and self._sum.device == a2.device:
+        width = max(self._sum.shape)
+        # two tiles at least: one full tile and a sliver (576 = 512 + 64) was measured slower than one product
+        if 0 < 2 * block <= width and self._sum.device == a2.device:
             # the input bound only: tiles are added as they come, there is no whole product to check after
             peaks = [_peak(a2)] if b2 is None else [_peak(a2), _peak(b2)]
             if all(math.isfinite(p) and p <= _FLOAT32_MAX for p in peaks):
                 if a2.shape[0] * peaks[0] * peaks[-1] < _FLOAT32_SAFE:
-                    self._add_tiles(a2, b2, block)
+                    tiles = -(-width // block)
+                    self._add_tiles(a2, b2, -(-width // tiles))  # equal tiles: 11008 as 22 x ~501, not 21 x 512 + 256
                     return
         # a buffer made in inference mode cannot be written outside it (and the reverse is refused too)
         key = (a2.shape[1], a2.shape[1] if b2 is None else b2.shape[1], a2.device, torch.is_inference_mode_enabled())

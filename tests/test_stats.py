@@ -11,7 +11,7 @@ from prehab.stats import CovarianceCollector, RunningCovariance, calibration_for
 @pytest.fixture(autouse=True, params=["single product", "3x3 tiles"])
 def gram_route(request, monkeypatch):
     """Every test here runs twice: each batch's ``aᵀb`` as one product, and tile by tile (``aᵀa`` on the upper
-    triangle; inputs of 4-8 features are wider than a 3-wide tile, so partial tiles are covered too)."""
+    triangle) where the sum is at least two 3-wide tiles wide (6-8 features: tiles of 3 or of 3, 3 and 2)."""
     monkeypatch.setitem(stats.TILE_WIDTH, "cpu", 0 if request.param == "single product" else 3)
     return request.param
 
@@ -30,10 +30,10 @@ def test_triangle_updates_match_products_and_are_exactly_symmetric(monkeypatch):
     generator = torch.Generator().manual_seed(0)
     batches = torch.randn(4, 5, 7, generator=generator)
     scratch: dict = {}
-    stat, other = RunningCovariance(7, scratch=scratch), RunningCovariance(5, scratch=scratch)
+    stat, other = RunningCovariance(7, scratch=scratch), RunningCovariance(6, scratch=scratch)
     for i, x in enumerate(batches):
         stat.update(x)
-        other.update(x[:, :5])
+        other.update(x[:, :6])
         if i == 1:
             stat.add_(x.T @ x, x.shape[0])  # a caller's precomputed product lands on both triangles
     assert len(scratch) == 1  # one float32 tile buffer for both widths
@@ -46,7 +46,7 @@ def test_triangle_updates_match_products_and_are_exactly_symmetric(monkeypatch):
     monkeypatch.setitem(stats.TILE_WIDTH, "cpu", 0)  # the tiles' width changed (or gone) before the sum is read
     torch.testing.assert_close(stat.sum, expected + flat[:5].T @ flat[:5], rtol=1e-6, atol=1e-5)
     assert torch.equal(stat.sum, stat.sum.T)
-    torch.testing.assert_close(other.mean(), flat[:, :5].T @ flat[:, :5] / 20, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(other.mean(), flat[:, :6].T @ flat[:, :6] / 20, rtol=1e-6, atol=1e-6)
 
 
 def test_collector_gives_the_same_statistics_by_either_route(monkeypatch):
