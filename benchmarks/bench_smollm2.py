@@ -53,7 +53,7 @@ METHODS = {
     "aa_svd_ridge": lambda r, n: AASVD(ratio=r, calibration_batches=n),
     "aa_svd_ridge_onepass": lambda r, n: AASVD(ratio=r, calibration_batches=n, true_sequential=False),
 }
-# "<method>_single": the statistics' Gram products as one product per batch, as before the triangle tiles (issue 12)
+# "<method>_single": the statistics' Gram products as one product per batch, as before the tiles (issue 12)
 METHODS.update({f"{name}_single": METHODS[name] for name in ("svd_llm", "aa_svd", "saes_svd")})
 
 

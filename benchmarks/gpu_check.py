@@ -1,7 +1,7 @@
 """GPU check (issue 12): every calibrated surgery method on SmolLM2-135M and on two LLaMA-7B-shaped blocks.
 
 For each method (svd_llm, aa_svd, saes_svd, saes_svd_onepass: ``true_sequential=False``, and svd_llm_tiles: the
-statistics' Gram products by 2048-wide tiles on the upper triangle, the CPU's route) at ratio 0.2 it
+statistics' products by ``--tile``-wide tiles (default 2048), the CPU's route) at ratio 0.2 it
 prints the compression time, that time divided by one plain forward pass over the same calibration set, the peak
 ``torch.cuda.max_memory_allocated`` during the compression, and (SmolLM2 only) WikiText-2 test perplexity; it
 writes a JSON and a markdown table naming the device. About 6 minutes on one H100 (estimate; never run on a GPU
@@ -44,7 +44,7 @@ METHODS = {
     "saes_svd_onepass": ("saes_svd", {"true_sequential": False}),
     "svd_llm_tiles": ("svd_llm", {}),
 }
-# *_tiles: the Gram products by ``--tile``-wide tiles on the upper triangle (the CPU's route; on a GPU the package
+# *_tiles: the statistics' products by ``--tile``-wide tiles (the CPU's route; on a GPU the package
 # keeps one product per batch until this comparison says otherwise)
 TILED = {"svd_llm_tiles"}
 
@@ -244,10 +244,9 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=2048, help="tile width of the *_tiles methods' Gram products")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny random model on the CPU (seconds)")
     args = parser.parse_args()
-    if args.cpu_smoke:
-        args.tile = 16  # narrower than the tiny model's 64 features, so the tiles are exercised
 
     if args.cpu_smoke:
+        args.tile = 16  # narrower than the tiny model's 64 features, so the tiles are exercised
         device, device_name = torch.device("cpu"), "CPU (smoke test)"
     elif not torch.cuda.is_available():
         print("gpu_check needs CUDA and none is available (torch.cuda.is_available() is False). Run it on a "

@@ -122,9 +122,9 @@ class RunningCovariance:
 
     Each batch's product is computed in float32 (cheap; in float64 when the inputs' magnitudes could overflow
     float32, see :func:`gram_product`) and added to a float64 sum (exact enough over many batches; the sum does not
-    depend on how batches are grouped, so DDP ranks and one process agree to float64 round-off). A product wider
-    than the device's :data:`TILE_WIDTH` is accumulated tile by tile (a symmetric ``aᵀa`` on its upper triangle,
-    mirrored when :attr:`sum` is read). ``scratch``: a
+    depend on how batches are grouped, so DDP ranks and one process agree to float64 round-off). A product at least
+    two of the device's :data:`TILE_WIDTH` wide is accumulated tile by tile (a symmetric ``aᵀa`` on its upper
+    triangle, mirrored when :attr:`sum` is read). ``scratch``: a
     dict shared by accumulators that take turns (a collector's), holding one float32 product buffer per shape so
     that a batch's product is written in place instead of allocated (None: a new product per batch, nothing
     kept). ``mean()`` divides by the count; solvers are invariant to that scale, but it keeps numbers
@@ -141,11 +141,11 @@ class RunningCovariance:
         self._sum = torch.zeros(rows, rows if cols is None else cols, dtype=torch.float64, device=device)
         self.count = 0
         self._scratch = scratch
-        self._lower_stale = False  # triangle updates left the lower triangle behind
+        self._lower_stale = False  # symmetric tile updates left the lower triangle behind
 
     @property
     def sum(self) -> Tensor:
-        """The float64 sum ``Σ aᵀb`` (after triangle updates, its lower triangle is filled in first)."""
+        """The float64 sum ``Σ aᵀb`` (after symmetric tile updates, its lower triangle is filled in first)."""
         if self._lower_stale:
             _mirror_upper_(self._sum, 512)  # any tile size mirrors alike (TILE_WIDTH may have changed since)
             self._lower_stale = False
