@@ -14,6 +14,7 @@ over the same calibration set, and the peak resident memory during compression a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import threading
 import time
@@ -146,15 +147,11 @@ def main() -> None:
             if name.endswith("_head"):
                 untie_output_embeddings(compressed)
             callback = METHODS[name](ratio, len(calibration))
-            default_tile = stats.TILE_WIDTH["cpu"]
-            stats.TILE_WIDTH["cpu"] = 0 if name.endswith("_single") else default_tile
-            try:
-                with PeakRSS() as memory:
-                    tick = time.perf_counter()
-                    callback.compress(compressed, calibration, progress=False)
-                    seconds = time.perf_counter() - tick
-            finally:
-                stats.TILE_WIDTH["cpu"] = default_tile
+            tiles = stats.tile_width(0) if name.endswith("_single") else contextlib.nullcontext()
+            with tiles, PeakRSS() as memory:
+                tick = time.perf_counter()
+                callback.compress(compressed, calibration, progress=False)
+                seconds = time.perf_counter() - tick
             ppl = perplexity(compressed, test)
             calibration_seconds = callback.report.seconds["calibration"]  # without the solver's time
             print(

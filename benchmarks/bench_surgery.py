@@ -11,6 +11,7 @@ Prints markdown tables. All ratios are measured in the same run, back to back.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import platform
@@ -113,15 +114,11 @@ def _before(n: int, data: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tor
 def _running(n: int, data: list[tuple[torch.Tensor, torch.Tensor | None]], tile: int | None = None) -> torch.Tensor:
     """:class:`RunningCovariance` as the callbacks' collectors use it; ``tile`` 0: one product per batch (session
     13), None: the device's default (tiles on the CPU)."""
-    default = stats.TILE_WIDTH.get("cpu", 0)
-    stats.TILE_WIDTH["cpu"] = default if tile is None else tile
-    try:
+    with contextlib.nullcontext() if tile is None else stats.tile_width(tile):
         stat = RunningCovariance(n, n, scratch={})
         for x, y in data:
             stat.update(x, y)
         return stat.sum  # a symmetric sum's lower triangle filled in: part of the cost
-    finally:
-        stats.TILE_WIDTH["cpu"] = default
 
 
 def bench_statistics(features: list[int], rows: list[int], batches: int, tile: int | None = None) -> list[str]:
@@ -211,18 +208,13 @@ def bench_block_statistics(hidden: int, mlp: int, heads: int, windows: int, seq_
         for x in inputs:
             block(x, position_embeddings=rotary)
 
-    def hooked(block: int | None = None):
-        default = getattr(stats, "TILE_WIDTH", {}).get("cpu", 0)  # (older versions have no tiles)
-        if block is not None and hasattr(stats, "TILE_WIDTH"):
-            stats.TILE_WIDTH["cpu"] = block
-        try:
+    def hooked(tile: int | None = None):
+        tiled = tile is not None and hasattr(stats, "tile_width")  # older versions, run for comparison, have none
+        with stats.tile_width(tile) if tiled else contextlib.nullcontext():
             collector = CovarianceCollector(targets, features)
             with collector.hooks():
                 bare()
             collector.means_()
-        finally:
-            if hasattr(stats, "TILE_WIDTH"):
-                stats.TILE_WIDTH["cpu"] = default
 
     with calibration_forward_context(model):
         bare()  # warm-up

@@ -170,18 +170,13 @@ def _run(case: dict, args: argparse.Namespace, device: torch.device) -> list[dic
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
-        default_tile = stats.TILE_WIDTH.get(device.type)
-        stats.TILE_WIDTH[device.type] = args.tile if method in TILED else default_tile or 0
-        try:
+        default_tile = stats.TILE_WIDTH.get(device.type, 0)
+        with stats.tile_width(args.tile if method in TILED else default_tile, device.type):
             _sync(device)
             tick = time.perf_counter()
             callback.compress(model, calibration, progress=False)
             _sync(device)
             seconds = time.perf_counter() - tick
-        finally:
-            stats.TILE_WIDTH.pop(device.type)
-            if default_tile is not None:
-                stats.TILE_WIDTH[device.type] = default_tile
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         row = {
             "case": case["name"],

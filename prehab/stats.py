@@ -20,6 +20,7 @@ __all__ = [
     "calibration_forward_context",
     "gram_product",
     "input_hooks",
+    "tile_width",
     "token_rows",
 ]
 
@@ -35,6 +36,21 @@ _FLOAT32_MAX = torch.finfo(torch.float32).max
 # 0.6-0.9x the bare float32 product from 1536 features on, against 1.1-1.8x for one product per batch added whole.
 # Devices not listed keep one product per batch (not measured there).
 TILE_WIDTH: dict[str, int] = {"cpu": 512}
+
+
+@contextlib.contextmanager
+def tile_width(width: int, device_type: str = "cpu") -> Iterator[None]:
+    """Within the block, products on ``device_type`` go by tiles of about ``width`` (0: one product per batch);
+    the previous setting comes back after (for comparisons and tests)."""
+    had, previous = device_type in TILE_WIDTH, TILE_WIDTH.get(device_type)
+    TILE_WIDTH[device_type] = width
+    try:
+        yield
+    finally:
+        if had:
+            TILE_WIDTH[device_type] = previous
+        else:
+            del TILE_WIDTH[device_type]
 
 
 def _peak(x: Tensor) -> float:

@@ -20,7 +20,6 @@ from prehab.callbacks import AASVD, SAESSVD, SVDLLM  # noqa: E402
 
 def main(out: Path) -> None:
     loader = loader_for("llama", n=32, batch_size=4, seed=5)
-    default_block = stats.TILE_WIDTH["cpu"]
     module = TinyModule("llama")
     dense = copy.deepcopy(module)
     callback = SAESSVD(ratio=0.5, calibration_batches=8, calibration_dataloader=loader)
@@ -38,14 +37,11 @@ def main(out: Path) -> None:
     blockwise.compress(copy_, loader, rank=rank, world_size=world, progress=False)
     states["svd_llm_blockwise"] = copy_.state_dict()
     # the statistics by 5x5 tiles (the CPU's default tile is wider than tiny models' inputs)
-    stats.TILE_WIDTH["cpu"] = 5
-    try:
+    with stats.tile_width(5):
         for name, tiled in (("svd_llm_tiles", SVDLLM), ("saes_svd_tiles", SAESSVD)):
             copy_ = copy.deepcopy(dense)
             tiled(ratio=0.5, calibration_batches=8).compress(copy_, loader, rank=rank, world_size=world, progress=False)
             states[name] = copy_.state_dict()
-    finally:
-        stats.TILE_WIDTH["cpu"] = default_block
     # global rank allocation (its one-stream pass all-reduced) and block refinement (gradients all-reduced)
     refined = AASVD(ratio=0.5, calibration_batches=8, rank_allocation="global", refine_steps=1, refine_lr=1e-3)
     copy_ = copy.deepcopy(dense)

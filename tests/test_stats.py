@@ -49,6 +49,13 @@ def test_triangle_updates_match_products_and_are_exactly_symmetric(monkeypatch):
     torch.testing.assert_close(other.mean(), flat[:, :6].T @ flat[:, :6] / 20, rtol=1e-6, atol=1e-6)
 
 
+def test_tile_width_context_restores_the_setting():
+    before = dict(stats.TILE_WIDTH)
+    with stats.tile_width(7), stats.tile_width(9, "cuda"):
+        assert stats.TILE_WIDTH["cpu"] == 7 and stats.TILE_WIDTH["cuda"] == 9
+    assert stats.TILE_WIDTH == before  # the CPU's value back, no CUDA entry left behind
+
+
 def test_collector_gives_the_same_statistics_by_either_route(monkeypatch):
     """A tiny Llama's input covariances with and without triangle tiles agree to float32 round-off."""
     from transformers import LlamaConfig, LlamaForCausalLM
