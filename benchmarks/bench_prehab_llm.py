@@ -284,10 +284,19 @@ class Benchmark:
         return chosen
 
     def chosen(self) -> str:
+        """The sweep's penalty (``OUT/chosen.json``), or ``--prehab``'s, recorded there for the report when absent."""
         path = self.out / "chosen.json"
+        given = candidate_name(parse_candidate(self.args.prehab)) if self.args.prehab else None
         if not path.is_file():
-            raise SystemExit(f"{path} is missing: run the sweep stage first (--stages sweep ...).")
-        return json.loads(path.read_text())["prehab"]
+            if given is None:
+                raise SystemExit(f"{path} is missing: run the sweep stage first (--stages sweep ...), or name the "
+                                 "penalty with --prehab, e.g. --prehab tail:1:0.4.")
+            write_atomic(path, json.dumps({"prehab": given, "given": self.args.prehab}, indent=2))
+        chosen = json.loads(path.read_text())["prehab"]
+        if given is not None and given != chosen:
+            raise SystemExit(f"--prehab {self.args.prehab} ({given}) differs from {path}'s {chosen}: use another "
+                             "--out, or leave --prehab out to use the sweep's choice.")
+        return chosen
 
     def alias(self, chosen: str) -> dict[str, str]:
         """Model names for ``--finetune-seed``: seed 0 is the sweep's models, seed s > 0 fine-tunes the control and
@@ -301,10 +310,14 @@ class Benchmark:
         """:meth:`alias`'s names, with seed s > 0's two models fine-tuned first where they are not saved yet."""
         chosen = self.chosen()
         names = self.alias(chosen)
-        if self.args.finetune_seed:
-            sweep = json.loads((Path(self.model_folder(chosen)) / "prehab.json").read_text())["candidate"]
-            self.train(names["control"], {"regularizer": "stable_rank", "lam": 0.0}, self.args.finetune_seed)
-            self.train(names["prehab"], sweep, self.args.finetune_seed)
+        if self.args.prehab:  # no sweep in this OUT: fine-tune both models of this seed where they are missing
+            candidate = parse_candidate(self.args.prehab)
+        elif self.args.finetune_seed:
+            candidate = json.loads((Path(self.model_folder(chosen)) / "prehab.json").read_text())["candidate"]
+        else:
+            return names
+        self.train(names["control"], {"regularizer": "stable_rank", "lam": 0.0}, self.args.finetune_seed)
+        self.train(names["prehab"], candidate, self.args.finetune_seed)
         return names
 
     def table(self) -> None:
@@ -712,7 +725,8 @@ def paired_lines(rows: list[dict[str, Any]], prehab: str | None) -> list[str]:
         text = [f"{statistics.fmean(q):.3f} [{min(q):.3f}, {max(q):.3f}]" if q else "-" for q in cells]
         return f"| {method} | {ratio:g} | {seed} | {max(len(q) for q in cells)} | " + " | ".join(text) + " |"
 
-    for method, ratio in sorted({(r["method"], r["ratio"]) for r in table if r["model"] == prehab}):
+    prehab_models = {model for _, model, _ in seeds}  # an OUT may hold only a later seed's models
+    for method, ratio in sorted({(r["method"], r["ratio"]) for r in table if r["model"] in prehab_models}):
         pooled: list[list[float]] = [[] for _ in columns]
         seeds_seen = 0
         for seed, model, control in seeds:
@@ -810,6 +824,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--finetune-seed", type=int, default=0,
                         help="s > 0: fine-tune the control and the chosen penalty again with seed s (stages table, "
                              "rehab, zeroshot), as models control-seed{s} and {chosen}-seed{s}")
+    parser.add_argument("--prehab", metavar="CANDIDATE",
+                        help="the penalty of the prehab model (regularizer:lam[:tail_ratio]) for an OUT without a "
+                             "sweep, e.g. a new fine-tune seed: tail:1:0.4 (default: OUT/chosen.json's)")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4, 0.6])
     parser.add_argument("--table-methods", nargs="+", default=["svd_llm", "saes_svd", "aa_svd"], choices=METHODS)
     parser.add_argument("--rehab-methods", nargs="+", default=["svd_llm", "saes_svd"], choices=METHODS)
@@ -850,6 +867,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny random model, a few windows (for tests)")
     args = parser.parse_args(argv)
     args.rehab_ridges = dict(parse_ridge(parser, "--rehab-ridges", text, METHODS) for text in args.rehab_ridges)
+    if args.prehab and parse_candidate(args.prehab)["lam"] <= 0:
+        parser.error(f"--prehab {args.prehab} is invalid: the prehab model needs a penalty λ > 0 (λ = 0 is the "
+                     "control, always fine-tuned beside it).")
     if args.finetune_seed < 0:
         parser.error(f"--finetune-seed {args.finetune_seed} is invalid: use 0 (the sweep's models) or a seed > 0.")
     if not all(math.isfinite(r) and r >= 0 for r in args.ridges):

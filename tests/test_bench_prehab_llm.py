@@ -196,9 +196,29 @@ def test_smoke_runs_every_stage_and_saved_models_reproduce_the_table(tmp_path, o
     assert line.split(" | ")[5].startswith(f"{sum(quotients) / 4:.3f} [{min(quotients):.3f}, {max(quotients):.3f}]")
 
 
+@pytest.mark.skipif(not (SHARED_DATA / "ptb").is_dir(), reason="needs ../shared/data")
+def test_a_new_out_without_a_sweep_fine_tunes_the_penalty_given_by_flag(tmp_path, one_thread):
+    bench = load_script()
+    out = tmp_path / "out"
+    flags = ["--smoke", "--out", str(out), "--data", str(SHARED_DATA), "--stages", "table", "--table-methods",
+             "svd_llm", "--finetune-seed", "2"]  # --smoke: 2 draws, ratios 0.2 and 0.4
+    with pytest.raises(SystemExit, match="run the sweep stage first .* or name the penalty with --prehab"):
+        bench.main(flags)
+    bench.main([*flags, "--prehab", "tail:1:0.4"])
+    assert json.loads((out / "chosen.json").read_text())["prehab"] == "tail-1-r0.4"
+    meta = json.loads((out / "models" / "tail-1-r0.4-seed2" / "dense" / "prehab.json").read_text())
+    assert meta["seed"] == 2 and meta["candidate"] == {"regularizer": "tail", "lam": 1.0, "tail_ratio": 0.4}
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert {r["model"] for r in rows if r["stage"] == "table"} == {"base", "control-seed2", "tail-1-r0.4-seed2"}
+    assert "| svd_llm | 0.4 | 2 | 2 |" in (out / "results.md").read_text()  # prehab / control, paired
+    with pytest.raises(SystemExit, match="differs from .*chosen.json's tail-1-r0.4"):
+        bench.main([*flags, "--prehab", "stable_rank:0.1"])
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
+        (["--prehab", "tail:0:0.4"], "--prehab tail:0:0.4 is invalid: the prehab model needs a penalty"),
         (["--finetune-seed", "-1"], "--finetune-seed -1 is invalid: use 0"),
         (["--zeroshot-methods", "svd-llm"], "argument --zeroshot-methods: invalid choice: 'svd-llm'"),
         (["--ridges", "0", "-0.1"], "--ridges 0.0 -0.1 is invalid: use numbers >= 0"),
