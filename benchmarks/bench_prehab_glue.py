@@ -25,6 +25,10 @@ CPU-sized run changes. Stages, each cached in ``OUT/rows.jsonl`` so an interrupt
 
 ``--report`` (also run after each stage) writes ``OUT/results.md`` (Table III's layout: tasks and their average, per
 ratio, beside the paper's BERT-base numbers), ``OUT/results.json``, ``OUT/rows.csv`` and ``OUT/glue_average.png``.
+``--seeds-report OUT OUT_S1 OUT_S2 --out DIR`` writes ``DIR/seeds.md`` and ``DIR/seeds.json``: the runs of several
+``--seed`` values side by side (five-task averages of calibration draw 0 per seed and their mean, before and after
+rehab, and prehab (swept) − the control and − surgery alone per seed).
+
 Compressed models are saved with ``save_compressed`` under ``OUT/models/<task>/<model>/<method>-<ratio>[-rehab]``
 (``--save none`` to skip), the fine-tuned and prehab'd dense models as Hugging Face folders under
 ``OUT/models/<task>/<model>/dense``.
@@ -435,6 +439,102 @@ def plot(rows: list[dict[str, Any]], tasks: list[str], swept: set[str], paper: s
     plt.close(figure)
 
 
+# ----------------------------------------------------------------------------------------------- seeds
+SEED_ROWS = [  # (model, method, label) of the across-seed tables; SWEPT: each task's chosen prehab model
+    ("finetuned", "svd_llm", "fine-tuned + SVD-LLM"),
+    ("control", "svd_llm", "control (λ = 0) + SVD-LLM"),
+    ("paper", "svd_llm", "prehab, paper λ + SVD-LLM"),
+    (SWEPT, "svd_llm", "prehab (swept) + SVD-LLM"),
+    ("finetuned", "aa_svd", "fine-tuned + AA-SVD"),
+    ("finetuned", "saes_svd", "fine-tuned + SAES-SVD"),
+]
+
+
+def task_average(rows: list[dict[str, Any]], tasks: list[str], chosen: dict[str, Any], paper: str | None,
+                 stage: str, model: str, method: str, ratio: float, draw: int) -> float | None:
+    """The average over ``tasks`` of one row (``None`` unless every task has it); ``SWEPT`` takes each task's
+    chosen prehab model, ``"paper"`` the ``--paper`` candidate's."""
+    scores = []
+    for task in tasks:
+        name = {SWEPT: chosen.get(task, {}).get("prehab"), "paper": paper}.get(model, model)
+        hits = [r["score"] for r in rows
+                if (r["stage"], r["task"], r["model"], r["method"]) == (stage, task, name, method)
+                and abs(r["ratio"] - ratio) < 1e-9 and (method == "dense" or r["draw"] == draw)]
+        if not hits:
+            return None
+        scores.append(statistics.fmean(hits))
+    return statistics.fmean(scores)
+
+
+def write_seed_report(folders: list[Path], out: Path, draw: int = 0) -> str:
+    """Several fine-tune seeds' OUT folders (``--seed``) side by side: the five-task average of every row per seed
+    and their mean, before and after rehab, and prehab (swept) − the control and − surgery alone per seed, so the
+    seed-to-seed spread is read beside the effect. Writes ``out/seeds.md`` and ``out/seeds.json``."""
+    runs = []
+    for folder in folders:
+        settings = json.loads((folder / "settings.json").read_text())
+        chosen_path = folder / "chosen.json"
+        runs.append({"folder": str(folder), "seed": settings["args"].get("seed", 0),
+                     "paper": candidate_name(parse_candidate(settings["args"]["paper"])),
+                     "chosen": json.loads(chosen_path.read_text()) if chosen_path.is_file() else {},
+                     "rows": list(Rows(folder / "rows.jsonl").rows.values())})
+    seeds = [run["seed"] for run in runs]
+    tasks = [t for t in TASKS if any(r["task"] == t for run in runs for r in run["rows"])]
+    ratios = sorted({r["ratio"] for run in runs for r in run["rows"] if r["stage"] == "table" and r["ratio"] > 0})
+
+    def averages(stage: str, model: str, method: str, ratio: float) -> list[float | None]:
+        return [task_average(run["rows"], tasks, run["chosen"], run["paper"], stage, model, method, ratio, draw)
+                for run in runs]
+
+    def cells(values: list[float | None], signed: bool = False) -> str:
+        form = "{:+.3f}" if signed else "{:.3f}"
+        text = ["-" if v is None else form.format(v) for v in values]
+        known = [v for v in values if v is not None]
+        mean = form.format(statistics.fmean(known)) if len(known) == len(values) else "-"
+        return " | ".join(text) + f" | {mean} |"
+
+    header = "| removed | row | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |"
+    rule = "|---|---|" + "---|" * (len(seeds) + 1)
+    lines = [f"# Across fine-tune seeds: average GLUE dev metric over {', '.join(LABELS[t] for t in tasks)} "
+             f"(calibration draw {draw})", "", "Folders: " + ", ".join(f"`{run['folder']}` (seed {run['seed']})"
+                                                                      for run in runs), ""]
+    result: dict[str, Any] = {"seeds": seeds, "draw": draw, "folders": [run["folder"] for run in runs], "rows": []}
+    for stage, title in (("table", "No rehab"), ("rehab", "After LoRA rehab")):
+        lines += [f"## {title}", "", header, rule]
+        if stage == "table":
+            dense = (("finetuned", "fine-tuned"), ("control", "control (λ = 0)"), (SWEPT, "prehab (swept)"))
+            for model, label in dense:
+                values = averages("table", model, "dense", 0.0)
+                lines.append(f"| 0% | {label}, dense | " + cells(values))
+                result["rows"].append({"stage": stage, "row": f"{label}, dense", "ratio": 0.0, "values": values})
+        for ratio in ratios:
+            for model, method, label in SEED_ROWS:
+                values = averages(stage, model, method, ratio)
+                if any(v is not None for v in values):
+                    lines.append(f"| {ratio:.0%} | {label} | " + cells(values))
+                    result["rows"].append({"stage": stage, "row": label, "ratio": ratio, "values": values})
+        lines.append("")
+    lines += ["## Prehab (swept) + SVD-LLM minus the control + SVD-LLM, and minus surgery alone (fine-tuned + SVD-LLM)",
+              "", "Above 0: prehab is better. Per seed, then the mean.", "",
+              "| removed | difference | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |", rule]
+    for stage, suffix in (("table", ""), ("rehab", ", after rehab")):
+        for ratio in ratios:
+            prehab = averages(stage, SWEPT, "svd_llm", ratio)
+            for other, name in (("control", "− control"), ("finetuned", "− surgery alone")):
+                values = [None if a is None or b is None else a - b
+                          for a, b in zip(prehab, averages(stage, other, "svd_llm", ratio), strict=True)]
+                if any(v is not None for v in values):
+                    lines.append(f"| {ratio:.0%} | prehab {name}{suffix} | " + cells(values, signed=True))
+                    result["rows"].append({"stage": stage, "row": f"prehab {name}", "ratio": ratio, "values": values})
+    lines.append("")
+    text = "\n".join(lines)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "seeds.md", text)
+    write_atomic(out / "seeds.json", json.dumps(result, indent=2))
+    print(text)
+    return text
+
+
 # ----------------------------------------------------------------------------------------------- smoke
 def smoke_setup(args: argparse.Namespace) -> dict[str, Any]:
     """A tiny random BERT with a word-level tokenizer, and the real GLUE files cut to a few rows, under OUT."""
@@ -486,6 +586,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stages", nargs="+", default=["finetune", "sweep", "table", "rehab"],
                         choices=["finetune", "sweep", "table", "rehab"])
     parser.add_argument("--report", action="store_true", help="only write the tables/plots from OUT/rows.jsonl")
+    parser.add_argument("--seeds-report", nargs="+", metavar="FOLDER",
+                        help="only write OUT/seeds.md: these runs' folders (one per --seed) side by side, calibration "
+                             "draw 0, before and after rehab, with prehab − control and − surgery alone per seed")
     parser.add_argument("--finetune-steps", type=int, default=150, help="fine-tuning steps per task (λ = 0)")
     parser.add_argument("--finetune-lr", type=float, help="default: the paper's, 5e-5 for CoLA and 2e-5 otherwise")
     parser.add_argument("--steps", type=int, help="prehab/control steps (default: the config's trainer.max_steps)")
@@ -513,6 +616,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.ridges = [parse_ridge(parser, "--ridges", text, METHODS) for text in args.ridges]
     out = Path(args.out)
+    if args.seeds_report:
+        missing = [f for f in args.seeds_report if not (Path(f) / "rows.jsonl").is_file()]
+        if missing:
+            parser.error(f"--seeds-report {' '.join(missing)}: no rows.jsonl there; give this script's --out folders.")
+        write_seed_report([Path(f) for f in args.seeds_report], out)
+        return
     if args.report:
         write_report(out)
         return

@@ -118,3 +118,51 @@ def test_seed_changes_the_fine_tune_and_is_recorded(tmp_path, one_thread):
     assert any(not torch.equal(a[k], b[k]) for k in a)  # seed 0 vs 1
     assert all(torch.equal(b[k], c[k]) for k in b)  # seed 1 twice: reproducible
     assert "training seed 1" in (tmp_path / "seed1-2" / "results.md").read_text()
+
+
+def test_seeds_report_averages_each_seed_over_the_tasks_and_differences_per_seed(tmp_path):
+    bench = load_script()
+
+    def run(folder: Path, seed: int, scores: dict[tuple, float]) -> Path:
+        folder.mkdir()
+        (folder / "settings.json").write_text(json.dumps({"args": {"seed": seed, "paper": "stable_rank:0.1"}}))
+        (folder / "chosen.json").write_text(json.dumps({"cola": {"prehab": "stable_rank-0.03"},
+                                                        "rte": {"prehab": "stable_rank-0.1"}}))
+        rows = [{"key": "|".join(map(str, key)), "stage": key[0], "task": key[1], "model": key[2], "method": key[3],
+                 "ratio": key[4], "draw": None if key[3] == "dense" else key[5], "score": score}
+                for key, score in scores.items()]
+        (folder / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return folder
+
+    first = {
+        ("table", "cola", "finetuned", "dense", 0.0, 0): 0.30, ("table", "rte", "finetuned", "dense", 0.0, 0): 0.60,
+        ("table", "cola", "finetuned", "svd_llm", 0.4, 0): 0.20, ("table", "rte", "finetuned", "svd_llm", 0.4, 0): 0.50,
+        ("table", "cola", "finetuned", "svd_llm", 0.4, 1): 0.90,  # another calibration draw: not read
+        ("table", "cola", "control", "svd_llm", 0.4, 0): 0.10, ("table", "rte", "control", "svd_llm", 0.4, 0): 0.52,
+        # the swept model is per task: stable_rank-0.03 on CoLA, stable_rank-0.1 (the paper's) on RTE
+        ("table", "cola", "stable_rank-0.03", "svd_llm", 0.4, 0): 0.26,
+        ("table", "cola", "stable_rank-0.1", "svd_llm", 0.4, 0): 0.00,
+        ("table", "rte", "stable_rank-0.1", "svd_llm", 0.4, 0): 0.56,
+        ("rehab", "cola", "stable_rank-0.03", "svd_llm", 0.4, 0): 0.30,
+        ("rehab", "rte", "stable_rank-0.1", "svd_llm", 0.4, 0): 0.60,
+        ("rehab", "cola", "control", "svd_llm", 0.4, 0): 0.20, ("rehab", "rte", "control", "svd_llm", 0.4, 0): 0.60,
+    }
+    second = {key: score - 0.1 for key, score in first.items() if key[:3] != ("rehab", "rte", "control")}
+    folders = [run(tmp_path / "s0", 0, first), run(tmp_path / "s3", 3, second)]
+    bench.main(["--seeds-report", *map(str, folders), "--out", str(tmp_path / "both")])
+    lines = (tmp_path / "both" / "seeds.md").read_text().splitlines()
+    assert "| removed | row | seed 0 | seed 3 | mean |" in lines
+    assert "| 0% | fine-tuned, dense | 0.450 | 0.350 | 0.400 |" in lines
+    assert "| 40% | fine-tuned + SVD-LLM | 0.350 | 0.250 | 0.300 |" in lines
+    assert "| 40% | prehab (swept) + SVD-LLM | 0.410 | 0.310 | 0.360 |" in lines
+    assert "| 40% | prehab, paper λ + SVD-LLM | 0.280 | 0.180 | 0.230 |" in lines
+    assert "| 40% | control (λ = 0) + SVD-LLM | 0.310 | 0.210 | 0.260 |" in lines
+    assert "| 40% | control (λ = 0) + SVD-LLM | 0.400 | - | - |" in lines  # after rehab: seed 3 lacks RTE
+    assert "| 40% | prehab − control | +0.100 | +0.100 | +0.100 |" in lines
+    assert "| 40% | prehab − surgery alone | +0.060 | +0.060 | +0.060 |" in lines
+    assert "| 40% | prehab − control, after rehab | +0.050 | - | - |" in lines
+    saved = json.loads((tmp_path / "both" / "seeds.json").read_text())
+    assert saved["seeds"] == [0, 3] and len(saved["rows"]) == len([x for x in lines if x.startswith("| 40%")]) + 3
+    with pytest.raises(SystemExit):
+        bench.main(["--seeds-report", str(tmp_path / "missing"), "--out", str(tmp_path / "none")])
+    assert not (tmp_path / "none").exists()
