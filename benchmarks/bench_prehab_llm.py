@@ -230,10 +230,10 @@ class Benchmark:
                                 metadata={"calibration_draw": draw, "calibration_tokens": samples * self.seq_len})
             self.rows.add(row)
 
-    def rehab_row(self, name: str, method: str, ratio: float, ridge: float = 0.0) -> None:
-        """Surgery (draw 0) then LoRA rehab; ``ridge`` > 0: the callback's ``ridge`` (rows named ``{method}+ridge``,
-        saved as ``{method}+ridge-{ratio}-rehab``)."""
-        key = f"rehab|{name}|{method}|{ratio:g}|0" + (f"|ridge{ridge:g}" if ridge else "")
+    def rehab_row(self, name: str, method: str, ratio: float, ridge: float = 0.0, draw: int = 0) -> None:
+        """Surgery (calibration ``draw``) then LoRA rehab; ``ridge`` > 0: the callback's ``ridge`` (rows named
+        ``{method}+ridge``, saved as ``{method}+ridge-{ratio}-rehab``; draw 0 only is saved)."""
+        key = f"rehab|{name}|{method}|{ratio:g}|{draw}" + (f"|ridge{ridge:g}" if ridge else "")
         if key in self.rows:
             return
         label = method + ("+ridge" if ridge else "")
@@ -243,7 +243,7 @@ class Benchmark:
         alpaca = Alpaca(tokenizer=self.tokenizer, **alpaca_args)
         if self.args.rehab_steps is not None:
             rehab_args["steps_per_factor"] = self.args.rehab_steps
-        loader = self.calibration(0)
+        loader = self.calibration(draw)
         module = PrehabModule(model=self.load(name), lam=0.0)
         surgery = METHODS[method](ratio=ratio, calibration_batches=len(loader), calibration_dataloader=loader,
                                   ridge=ridge, evaluate=False, plots=False, save_dense=False)
@@ -254,12 +254,12 @@ class Benchmark:
         trainer.fit(module, train_dataloaders=loader)
         seconds = time.perf_counter() - started
         model = module.model
-        row = {"key": key, "stage": "rehab", "model": name, "method": label, "ratio": ratio, "draw": 0,
+        row = {"key": key, "stage": "rehab", "model": name, "method": label, "ratio": ratio, "draw": draw,
                **({"ridge": ridge} if ridge else {}),
                "params": sum(p.numel() for p in model.parameters()), "seconds": seconds,
                "rehab_tokens": len(rehab.order) * rehab.steps_per_factor * alpaca.batch_size * alpaca.cutoff_len,
                "wikitext2": self.ppl(model, self.test), "ptb": self.ppl(model, self.ptb)}
-        if self.args.save == "draw0":
+        if self.args.save == "draw0" and draw == 0:
             save_compressed(model, self.out / "models" / name / f"{label}-{ratio:g}-rehab")
         self.rows.add(row)
 
@@ -336,10 +336,11 @@ class Benchmark:
 
     def rehab(self) -> None:
         names = self.seed_models()
-        for ratio in self.args.rehab_ratios:
-            for method in self.args.rehab_methods:
-                for label in MODEL_ORDER:
-                    self.rehab_row(names[label], method, ratio, self.args.rehab_ridges.get(method, 0.0))
+        for draw in range(self.args.rehab_draws):
+            for ratio in self.args.rehab_ratios:
+                for method in self.args.rehab_methods:
+                    for label in MODEL_ORDER:
+                        self.rehab_row(names[label], method, ratio, self.args.rehab_ridges.get(method, 0.0), draw)
 
     def zeroshot(self) -> None:
         """Zero-shot accuracy (lm-eval, local GLUE tasks) of every saved draw-0 model: dense, surgery, rehab."""
@@ -505,7 +506,7 @@ def write_report(out: Path) -> None:
         lines.append("")
     for stage, title in (("table", "Main table: WikiText-2 test / PTB test perplexity, mean ± half-range over "
                                    "calibration draws"),
-                         ("rehab", "After LoRA rehab on Alpaca (calibration draw 0)"),
+                         ("rehab", "After LoRA rehab on Alpaca, mean ± half-range over calibration draws"),
                          ("calibration", "Calibration size (base model, ratio 0.2), mean ± half-range over "
                                          "calibration draws")):
         picked = [r for r in all_rows if r["stage"] == stage or (stage == "table" and r["stage"] == "test")]
@@ -837,6 +838,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="the surgery before rehab with the callback's ridge for METHOD, e.g. aa_svd:0.1 (rows "
                              "named aa_svd+ridge); other methods: the exact form (ridge 0)")
     parser.add_argument("--rehab-steps", type=int, help="LoRA steps per factor (default: the config's)")
+    parser.add_argument("--rehab-draws", type=int, default=1, help="calibration draws 0..N-1 of the rehab stage")
     parser.add_argument("--calibration-windows", type=int, help="default: the config's calibration_samples")
     parser.add_argument("--calibration-sizes", type=int, nargs="+", default=[8, 32, 128])
     parser.add_argument("--calibration-methods", nargs="+", default=["svd_llm", "aa_svd", "saes_svd"],
@@ -881,6 +883,8 @@ def main(argv: list[str] | None = None) -> None:
         if not all(0 < r < 1 for r in getattr(args, flag)):
             parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} is invalid: use fractions of the "
                          "parameters removed in (0, 1), e.g. 0.2 0.4.")
+    if args.rehab_draws < 1:
+        parser.error(f"--rehab-draws {args.rehab_draws} is invalid: use a number of calibration draws >= 1.")
     if args.diagnose_windows < 1:
         parser.error(f"--diagnose-windows {args.diagnose_windows} is invalid: use a window count >= 1.")
     out = Path(args.out)

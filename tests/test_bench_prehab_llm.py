@@ -200,8 +200,8 @@ def test_smoke_runs_every_stage_and_saved_models_reproduce_the_table(tmp_path, o
 def test_a_new_out_without_a_sweep_fine_tunes_the_penalty_given_by_flag(tmp_path, one_thread):
     bench = load_script()
     out = tmp_path / "out"
-    flags = ["--smoke", "--out", str(out), "--data", str(SHARED_DATA), "--stages", "table", "--table-methods",
-             "svd_llm", "--finetune-seed", "2"]  # --smoke: 2 draws, ratios 0.2 and 0.4
+    common = ["--smoke", "--out", str(out), "--data", str(SHARED_DATA), "--finetune-seed", "2"]
+    flags = [*common, "--stages", "table", "--table-methods", "svd_llm"]  # --smoke: 2 draws, ratios 0.2 and 0.4
     with pytest.raises(SystemExit, match="run the sweep stage first .* or name the penalty with --prehab"):
         bench.main(flags)
     bench.main([*flags, "--prehab", "tail:1:0.4"])
@@ -213,12 +213,25 @@ def test_a_new_out_without_a_sweep_fine_tunes_the_penalty_given_by_flag(tmp_path
     assert "| svd_llm | 0.4 | 2 | 2 |" in (out / "results.md").read_text()  # prehab / control, paired
     with pytest.raises(SystemExit, match="differs from .*chosen.json's tail-1-r0.4"):
         bench.main([*flags, "--prehab", "stable_rank:0.1"])
+    # rehab on two calibration draws: one row per draw, paired by draw, only draw 0 saved
+    rehab_flags = ["--stages", "rehab", "--rehab-methods", "svd_llm", "--rehab-ratios", "0.4", "--rehab-draws", "2"]
+    bench.main([*common, *rehab_flags, "--prehab", "tail:1:0.4"])
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    rehab = {(r["model"], r["draw"]): r for r in rows if r["stage"] == "rehab"}
+    assert set(rehab) == {(m, d) for m in ("base", "control-seed2", "tail-1-r0.4-seed2") for d in (0, 1)}
+    assert rehab[("base", 0)]["wikitext2"] != rehab[("base", 1)]["wikitext2"]
+    assert (out / "models" / "base" / "svd_llm-0.4-rehab").is_dir()
+    quotients = [rehab[("tail-1-r0.4-seed2", d)]["ptb"] / rehab[("control-seed2", d)]["ptb"] for d in (0, 1)]
+    line = next(x for x in (out / "results.md").read_text().splitlines()
+                if x.startswith("| svd_llm+rehab | 0.4 | 2 | 2 |"))
+    assert line.split(" | ")[5].startswith(f"{sum(quotients) / 2:.3f} [{min(quotients):.3f}, {max(quotients):.3f}]")
 
 
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
         (["--prehab", "tail:0:0.4"], "--prehab tail:0:0.4 is invalid: the prehab model needs a penalty"),
+        (["--rehab-draws", "0"], "--rehab-draws 0 is invalid"),
         (["--finetune-seed", "-1"], "--finetune-seed -1 is invalid: use 0"),
         (["--zeroshot-methods", "svd-llm"], "argument --zeroshot-methods: invalid choice: 'svd-llm'"),
         (["--ridges", "0", "-0.1"], "--ridges 0.0 -0.1 is invalid: use numbers >= 0"),
