@@ -339,7 +339,7 @@ class Benchmark:
         for draw in range(self.args.rehab_draws):
             for ratio in self.args.rehab_ratios:
                 for method in self.args.rehab_methods:
-                    for label in MODEL_ORDER:
+                    for label in self.args.rehab_models:
                         self.rehab_row(names[label], method, ratio, self.args.rehab_ridges.get(method, 0.0), draw)
 
     def zeroshot(self) -> None:
@@ -839,6 +839,8 @@ def main(argv: list[str] | None = None) -> None:
                              "named aa_svd+ridge); other methods: the exact form (ridge 0)")
     parser.add_argument("--rehab-steps", type=int, help="LoRA steps per factor (default: the config's)")
     parser.add_argument("--rehab-draws", type=int, default=1, help="calibration draws 0..N-1 of the rehab stage")
+    parser.add_argument("--rehab-models", nargs="+", default=list(MODEL_ORDER), choices=MODEL_ORDER,
+                        help="models of the rehab stage (e.g. control prehab: the paired rows only)")
     parser.add_argument("--calibration-windows", type=int, help="default: the config's calibration_samples")
     parser.add_argument("--calibration-sizes", type=int, nargs="+", default=[8, 32, 128])
     parser.add_argument("--calibration-methods", nargs="+", default=["svd_llm", "aa_svd", "saes_svd"],

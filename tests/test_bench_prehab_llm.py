@@ -215,12 +215,12 @@ def test_a_new_out_without_a_sweep_fine_tunes_the_penalty_given_by_flag(tmp_path
         bench.main([*flags, "--prehab", "stable_rank:0.1"])
     # rehab on two calibration draws: one row per draw, paired by draw, only draw 0 saved
     rehab_flags = ["--stages", "rehab", "--rehab-methods", "svd_llm", "--rehab-ratios", "0.4", "--rehab-draws", "2"]
-    bench.main([*common, *rehab_flags, "--prehab", "tail:1:0.4"])
+    bench.main([*common, *rehab_flags, "--prehab", "tail:1:0.4", "--rehab-models", "control", "prehab"])
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
     rehab = {(r["model"], r["draw"]): r for r in rows if r["stage"] == "rehab"}
-    assert set(rehab) == {(m, d) for m in ("base", "control-seed2", "tail-1-r0.4-seed2") for d in (0, 1)}
-    assert rehab[("base", 0)]["wikitext2"] != rehab[("base", 1)]["wikitext2"]
-    assert (out / "models" / "base" / "svd_llm-0.4-rehab").is_dir()
+    assert set(rehab) == {(m, d) for m in ("control-seed2", "tail-1-r0.4-seed2") for d in (0, 1)}
+    assert rehab[("control-seed2", 0)]["wikitext2"] != rehab[("control-seed2", 1)]["wikitext2"]
+    assert (out / "models" / "control-seed2" / "svd_llm-0.4-rehab").is_dir()
     quotients = [rehab[("tail-1-r0.4-seed2", d)]["ptb"] / rehab[("control-seed2", d)]["ptb"] for d in (0, 1)]
     line = next(x for x in (out / "results.md").read_text().splitlines()
                 if x.startswith("| svd_llm+rehab | 0.4 | 2 | 2 |"))
