@@ -336,7 +336,7 @@ class Benchmark:
 
     def rehab(self) -> None:
         names = self.seed_models()
-        for draw in range(self.args.rehab_draws):
+        for draw in range(self.args.first_draw, self.args.rehab_draws):
             for ratio in self.args.rehab_ratios:
                 for method in self.args.rehab_methods:
                     for label in self.args.rehab_models:
@@ -821,7 +821,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, help="fine-tune steps (default: the config's trainer.max_steps)")
     parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--first-draw", type=int, default=0,
-                        help="run draws FIRST_DRAW..DRAWS-1 (when draw 0's rows live in another OUT)")
+                        help="run draws FIRST_DRAW..DRAWS-1 (when draw 0's rows live in another OUT; the rehab "
+                             "stage: FIRST_DRAW..REHAB_DRAWS-1)")
     parser.add_argument("--finetune-seed", type=int, default=0,
                         help="s > 0: fine-tune the control and the chosen penalty again with seed s (stages table, "
                              "rehab, zeroshot), as models control-seed{s} and {chosen}-seed{s}")

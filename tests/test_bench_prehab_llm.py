@@ -215,7 +215,11 @@ def test_a_new_out_without_a_sweep_fine_tunes_the_penalty_given_by_flag(tmp_path
         bench.main([*flags, "--prehab", "stable_rank:0.1"])
     # rehab on two calibration draws: one row per draw, paired by draw, only draw 0 saved
     rehab_flags = ["--stages", "rehab", "--rehab-methods", "svd_llm", "--rehab-ratios", "0.4", "--rehab-draws", "2"]
-    bench.main([*common, *rehab_flags, "--prehab", "tail:1:0.4", "--rehab-models", "control", "prehab"])
+    rehab_flags += ["--prehab", "tail:1:0.4", "--rehab-models", "control", "prehab"]
+    bench.main([*common, *rehab_flags, "--first-draw", "1"])  # draw 1 only, as a second process would
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert {r["draw"] for r in rows if r["stage"] == "rehab"} == {1}
+    bench.main([*common, *rehab_flags])
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
     rehab = {(r["model"], r["draw"]): r for r in rows if r["stage"] == "rehab"}
     assert set(rehab) == {(m, d) for m in ("control-seed2", "tail-1-r0.4-seed2") for d in (0, 1)}
