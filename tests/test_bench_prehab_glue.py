@@ -120,7 +120,7 @@ def test_seed_changes_the_fine_tune_and_is_recorded(tmp_path, one_thread):
     assert "training seed 1" in (tmp_path / "seed1-2" / "results.md").read_text()
 
 
-def test_seeds_report_averages_each_seed_over_the_tasks_and_differences_per_seed(tmp_path):
+def test_seeds_report_averages_each_seed_over_the_tasks_and_differences_per_seed(tmp_path, capsys):
     bench = load_script()
 
     def run(folder: Path, seed: int, scores: dict[tuple, float]) -> Path:
@@ -165,4 +165,5 @@ def test_seeds_report_averages_each_seed_over_the_tasks_and_differences_per_seed
     assert saved["seeds"] == [0, 3] and len(saved["rows"]) == len([x for x in lines if x.startswith("| 40%")]) + 3
     with pytest.raises(SystemExit):
         bench.main(["--seeds-report", str(tmp_path / "missing"), "--out", str(tmp_path / "none")])
+    assert f"--seeds-report {tmp_path / 'missing'}: no rows.jsonl there" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
