@@ -236,6 +236,7 @@ def test_a_new_out_without_a_sweep_fine_tunes_the_penalty_given_by_flag(tmp_path
     [
         (["--prehab", "tail:0:0.4"], "--prehab tail:0:0.4 is invalid: the prehab model needs a penalty"),
         (["--rehab-draws", "0"], "--rehab-draws 0 is invalid"),
+        (["--rehab-models", "prehab-seed2"], "argument --rehab-models: invalid choice: 'prehab-seed2'"),
         (["--finetune-seed", "-1"], "--finetune-seed -1 is invalid: use 0"),
         (["--zeroshot-methods", "svd-llm"], "argument --zeroshot-methods: invalid choice: 'svd-llm'"),
         (["--ridges", "0", "-0.1"], "--ridges 0.0 -0.1 is invalid: use numbers >= 0"),
