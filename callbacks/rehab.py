@@ -67,7 +67,9 @@ class LoRARehab(Callback):
         evaluate: evaluate after rehab and add the ``rehab`` stage to the compression report.
         save_dir: where to save the rehabbed model (``save_compressed`` folder); default ``<save_dir of the
             compression callback>/rehab`` when that one has a ``save_dir``.
-        seed: seed of the LoRA initialization.
+        seed: seed of each factor's LoRA training (initialization, dropout, data order): factor ``i`` of
+            ``order`` runs on its own RNG seeded with ``seed + i``, so a rehab gives the same result wherever
+            it runs in a process, and leaves the global RNG as it found it.
     """
 
     def __init__(
@@ -186,30 +188,37 @@ class LoRARehab(Callback):
             target_modules=[f"{name}.{factor}" for name in layers],
             bias="none",
         )
-        with torch.random.fork_rng(devices=[]):
+        # The whole factor's training (LoRA init, dropout masks, a reshuffled epoch) runs on its own seeded RNG:
+        # the result depends on seed, model and data only, not on what ran before in the process, and the
+        # caller's RNG stream is left as it was.
+        device = pl_module.device
+        forked = []
+        if device.type == "cuda":
+            forked = [device.index if device.index is not None else torch.cuda.current_device()]
+        with torch.random.fork_rng(devices=forked):
             torch.manual_seed(self.seed + index)
             inject_adapter_in_model(config, pl_module)
-        merged = False
-        try:
-            lora = [p for n, p in pl_module.named_parameters() if ".lora_" in n]
-            for parameter in pl_module.parameters():
-                parameter.requires_grad_(False)
-            for parameter in lora:
-                parameter.requires_grad_(True)
-            if trainer.world_size > 1:  # every rank starts from rank 0's LoRA weights
-                state = trainer.strategy.broadcast([p.detach().cpu() for p in lora], src=0)
-                with torch.no_grad():
-                    for parameter, value in zip(lora, state, strict=True):
-                        parameter.copy_(value)
-            losses = self._train(trainer, pl_module, lora, batches, factor, index)
-            merged = True
-            return losses
-        finally:
-            _unload_lora(pl_module, merge=merged)
-            for parameter, flag in requires_grad.items():
-                parameter.requires_grad_(flag)
-            for module, mode in modes.items():
-                module.training = mode
+            merged = False
+            try:
+                lora = [p for n, p in pl_module.named_parameters() if ".lora_" in n]
+                for parameter in pl_module.parameters():
+                    parameter.requires_grad_(False)
+                for parameter in lora:
+                    parameter.requires_grad_(True)
+                if trainer.world_size > 1:  # every rank starts from rank 0's LoRA weights
+                    state = trainer.strategy.broadcast([p.detach().cpu() for p in lora], src=0)
+                    with torch.no_grad():
+                        for parameter, value in zip(lora, state, strict=True):
+                            parameter.copy_(value)
+                losses = self._train(trainer, pl_module, lora, batches, factor, index)
+                merged = True
+                return losses
+            finally:
+                _unload_lora(pl_module, merge=merged)
+                for parameter, flag in requires_grad.items():
+                    parameter.requires_grad_(flag)
+                for module, mode in modes.items():
+                    module.training = mode
 
     def _train(
         self,

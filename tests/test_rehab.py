@@ -77,6 +77,41 @@ def test_rehab_trains_only_lora_merges_back_and_lowers_the_loss():
     assert heldout_loss(module) < snapshot.loss
 
 
+class RNGProbe(pl.Callback):
+    def on_fit_end(self, trainer, pl_module):
+        self.state = torch.get_rng_state()
+
+
+def test_rehab_result_depends_on_its_seed_not_on_the_process_rng_and_leaves_that_rng_alone():
+    """Dropout masks and LoRA init come from the rehab's own seeded RNG: the same seed after different global RNG
+    histories gives bit-identical weights, another seed does not, and the caller's RNG stream is not advanced."""
+    torch.manual_seed(0)
+    compressed = TinyModule("llama")
+    SVDLLM(ratio=0.5, calibration_batches=2).compress(compressed.model, list(loader_for("llama", n=16)))
+
+    def rehabbed(global_seed: int, seed: int = 0) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        module = copy.deepcopy(compressed)
+        torch.manual_seed(global_seed)
+        torch.rand(global_seed + 1)  # a different history of draws before the rehab
+        rehab = LoRARehab(steps_per_factor=4, rank=2, alpha=4, lr=3e-3, dropout=0.3, seed=seed,
+                          dataloader=DataLoader(TokenData(32), batch_size=8, shuffle=True))
+        before, after = RNGProbe(), RNGProbe()  # the global CPU RNG state right before and right after the rehab
+        trainer = fast_trainer(callbacks=[before, rehab, after], max_steps=0)
+        trainer.fit(module, train_dataloaders=loader_for("llama", n=8))
+        return module.state_dict(), before.state, after.state
+
+    first, before, after = rehabbed(1)
+    assert torch.equal(before, after)  # the global stream is where the caller left it
+    second, _, _ = rehabbed(5)
+    assert set(first) == set(second)
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+    other, _, _ = rehabbed(1, seed=1)  # the seed does reach the training: the weights differ
+    assert any(not torch.equal(first[k], other[k]) for k in first if k.endswith((".up.weight", ".down.weight")))
+    assert not torch.equal(first["model.model.layers.0.mlp.up_proj.up.weight"],
+                           compressed.state_dict()["model.model.layers.0.mlp.up_proj.up.weight"])
+
+
 class PlainLM(pl.LightningModule):
     """A LightningModule that knows nothing of prehab: a tiny Llama and a next-token loss."""
 
