@@ -21,8 +21,10 @@ block from one compressed-stream pass (``true_sequential=False``).
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import subprocess
 import sys
 import time
@@ -57,8 +59,9 @@ def _status(field: str) -> int:
     raise RuntimeError(f"{field} is not in /proc/self/status")
 
 
-def child(variant: str, blocks: int, windows: int, seq_len: int, smoke: bool) -> dict:
-    """One compression in this process; returns its measurements."""
+def child(variant: str, blocks: int, windows: int, seq_len: int, smoke: bool, profile: str | None = None) -> dict:
+    """One compression in this process; returns its measurements (``profile``: cProfile ``compress`` into that
+    folder as ``{variant}-{blocks}.prof``)."""
     from gpu_check import _random_llama
 
     from prehab.callbacks import AASVD, SAESSVD, SVDLLM
@@ -95,7 +98,14 @@ def child(variant: str, blocks: int, windows: int, seq_len: int, smoke: bool) ->
     }[variant]()
     Path("/proc/self/clear_refs").write_text("5")  # the peak so far (building the model) does not count
     before = _status("VmRSS")
+    profiler = cProfile.Profile() if profile else None
+    if profiler is not None:
+        profiler.enable()
     report = callback.compress(model, batches, progress=False)
+    if profiler is not None:
+        profiler.disable()
+        Path(profile).mkdir(parents=True, exist_ok=True)
+        profiler.dump_stats(str(Path(profile) / f"{variant}-{blocks}.prof"))
     return {
         "variant": variant,
         "blocks": blocks,
@@ -139,7 +149,32 @@ def project(rows: list[dict]) -> list[dict]:
     return out
 
 
-def table(rows: list[dict], projection: list[dict], threads: int) -> str:
+def profile_difference(folder: Path, variant: str, top: int = 15) -> list[dict]:
+    """Own time per function of ``compress`` (cProfile), 2 blocks minus 1 block, largest differences first: where
+    the per-block time goes. Empty when either profile is missing."""
+    paths = [folder / f"{variant}-{blocks}.prof" for blocks in (1, 2)]
+    if not all(path.is_file() for path in paths):
+        return []
+    one, two = (pstats.Stats(str(path)).stats for path in paths)  # {(file, line, name): (cc, nc, tt, ct, callers)}
+
+    def label(key: tuple) -> str:
+        file, line, name = key
+        return name if file == "~" else f"{Path(file).name}:{line}({name})"
+
+    rows = []
+    for key, value in two.items():
+        _, calls, own = one.get(key, (0, 0, 0.0))[:3]
+        rows.append({"function": label(key), "calls_1": calls, "calls_2": value[1], "own_1_s": own,
+                     "own_2_s": value[2], "own_per_block_s": value[2] - own})
+    rows.sort(key=lambda r: -r["own_per_block_s"])
+    total = {"function": "all functions", "calls_1": sum(v[1] for v in one.values()),
+             "calls_2": sum(v[1] for v in two.values()), "own_1_s": sum(v[2] for v in one.values()),
+             "own_2_s": sum(v[2] for v in two.values())}
+    total["own_per_block_s"] = total["own_2_s"] - total["own_1_s"]
+    return rows[:top] + [total]
+
+
+def table(rows: list[dict], projection: list[dict], threads: int, profiles: dict[str, list[dict]] | None = None) -> str:
     lines = [
         f"Measured: random Llama with LLaMA-7B's block shapes, float32, CPU, {threads} torch thread(s).",
         "",
@@ -168,6 +203,20 @@ def table(rows: list[dict], projection: list[dict], threads: int) -> str:
             f"| {p['variant']} | {p['block_calibration_s']:.1f} | {ratio} | {p['block_factorization_s']:.1f} | "
             f"{p['paper_tokens']:,} | {p['projected_hours_32_blocks']:.2f} |"
         )
+    for variant, functions in (profiles or {}).items():
+        lines += [
+            "",
+            f"Where {variant}'s per-block time goes: own time per function in ``compress`` (cProfile), 2 blocks "
+            "minus 1 block:",
+            "",
+            "| function | calls, 1 block | calls, 2 blocks | own s, 1 block | own s, 2 blocks | per block (s) |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| `{f['function']}` | {f['calls_1']:,} | {f['calls_2']:,} | {f['own_1_s']:.2f} | {f['own_2_s']:.2f} | "
+            f"{f['own_per_block_s']:.2f} |"
+            for f in functions
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -180,13 +229,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", help="folder for rows.json and results.md")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (CI)")
+    parser.add_argument("--profile", action="store_true",
+                        help="cProfile each compression (OUT/profiles/VARIANT-BLOCKS.prof; needs --out) and tabulate "
+                             "each function's own time, 2 blocks minus 1 block")
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "BLOCKS"), help=argparse.SUPPRESS)
+    parser.add_argument("--profile-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.profile and not args.out:
+        parser.error("--profile writes OUT/profiles: pass --out OUT too.")
     if args.smoke:
         args.windows, args.seq_len = 2, 16
     if args.child:
         torch.set_num_threads(args.threads)
-        row = child(args.child[0], int(args.child[1]), args.windows, args.seq_len, args.smoke)
+        row = child(args.child[0], int(args.child[1]), args.windows, args.seq_len, args.smoke, args.profile_dir)
         print(json.dumps(row))
         return [row]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -216,7 +271,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "--seq-len",
                 str(args.seq_len),
             ]
-            run = subprocess.run(command + (["--smoke"] if args.smoke else []), env=env, capture_output=True, text=True)
+            if args.smoke:
+                command.append("--smoke")
+            if args.profile:
+                command += ["--profile-dir", str(out / "profiles")]
+            run = subprocess.run(command, env=env, capture_output=True, text=True)
             if run.returncode:
                 raise SystemExit(f"{variant} with {blocks} blocks failed:\n{run.stderr[-3000:]}")
             rows.append(json.loads(run.stdout.strip().splitlines()[-1]))
@@ -226,11 +285,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 with open(out / "rows.jsonl", "a") as log:
                     log.write(json.dumps(rows[-1]) + "\n")
     projection = project(rows)
-    text = table(rows, projection, args.threads)
+    profiles = {}
+    if out is not None and (out / "profiles").is_dir():
+        profiles = {v: p for v in args.variants if (p := profile_difference(out / "profiles", v))}
+    text = table(rows, projection, args.threads, profiles)
     print(text)
     if out is not None:
         (out / "rows.json").write_text(
-            json.dumps({"rows": rows, "projection": projection, "args": vars(args)}, indent=2)
+            json.dumps({"rows": rows, "projection": projection, "profiles": profiles, "args": vars(args)}, indent=2)
         )
         (out / "results.md").write_text(text)
     return rows

@@ -1,5 +1,6 @@
 """The LLaMA-7B-shape projection benchmark's --smoke mode: subprocess per run, per-block difference, projection."""
 
+import json
 import runpy
 from pathlib import Path
 
@@ -11,7 +12,8 @@ BENCH = Path(__file__).parent.parent / "benchmarks" / "bench_scale.py"
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc peak-RSS reset")
 def test_smoke_mode_measures_one_and_two_blocks_and_projects(tmp_path):
     main = runpy.run_path(str(BENCH))["main"]
-    rows = main(["--smoke", "--variants", "svd_llm", "aa_svd_rerun", "saes_svd_onepass", "--out", str(tmp_path)])
+    rows = main(["--smoke", "--variants", "svd_llm", "aa_svd_rerun", "saes_svd_onepass", "--out", str(tmp_path),
+                 "--profile"])
     assert [(r["variant"], r["blocks"]) for r in rows] == [
         ("svd_llm", 1), ("svd_llm", 2), ("aa_svd_rerun", 1), ("aa_svd_rerun", 2),
         ("saes_svd_onepass", 1), ("saes_svd_onepass", 2),
@@ -21,3 +23,11 @@ def test_smoke_mode_measures_one_and_two_blocks_and_projects(tmp_path):
     text = (tmp_path / "results.md").read_text()
     assert "| svd_llm | 2 | 32 |" in text and "projected hours" in text
     assert "| svd_llm | " in text.split("projected hours")[1]  # the projection row
+    # --profile: each function's own time, 2 blocks minus 1; one truncated SVD per target layer (7 per block)
+    profiles = json.loads((tmp_path / "rows.json").read_text())["profiles"]
+    assert set(profiles) == {"svd_llm", "aa_svd_rerun", "saes_svd_onepass"}
+    assert "Where svd_llm's per-block time goes" in text
+    everything = profiles["svd_llm"][-1]
+    assert everything["function"] == "all functions" and everything["calls_2"] > everything["calls_1"] > 0
+    assert everything["own_2_s"] > everything["own_1_s"] > 0
+    assert all(f["calls_2"] >= f["calls_1"] for f in profiles["svd_llm"])
