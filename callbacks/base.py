@@ -29,6 +29,7 @@ from prehab.calibration import collect_input_covariances, take_batches
 from prehab.checks import is_count, is_real
 from prehab.linalg import (
     LowRankFactors,
+    all_finite,
     damped_cholesky,
     factor_params,
     output_error_and_energy,
@@ -848,7 +849,7 @@ class LowRankCompression(Callback):
         weight = dense_weight(module).detach()
         out_features, in_features = weight.shape
         layer_rank, note = planned
-        if not torch.isfinite(weight).all():
+        if not all_finite(weight):
             raise ValueError(
                 f"the weight of layer {name!r} contains NaN/Inf; nothing was modified. Fix the model first."
             )
@@ -863,7 +864,7 @@ class LowRankCompression(Callback):
         stats = stats or {}
         solver_stats = solver_stats if solver_stats is not None else ridge_statistics(stats, self.ridge)
         factors = self.solve_layer(name, weight, layer_rank, solver_stats)
-        if not (torch.isfinite(factors.up).all() and torch.isfinite(factors.down).all()):
+        if not (all_finite(factors.up) and all_finite(factors.down)):
             raise FloatingPointError(f"{self.method} produced non-finite factors for layer {name!r}.")
         error = self._relative_error(weight, (factors.up, factors.down), stats, dense_energy)
         note = "damped: covariance singular" if factors.singular else ""
@@ -1043,7 +1044,7 @@ class LowRankCompression(Callback):
     @staticmethod
     def _check_statistics(names: list[str], stats: dict[str, Tensor]) -> None:
         for key, value in stats.items():
-            if not torch.isfinite(value).all():
+            if not all_finite(value):
                 raise ValueError(
                     f"calibration statistics {key} of layer {names[0]!r} contain NaN/Inf: the inputs of that layer "
                     "are non-finite on the calibration data (usually an upstream layer overflowed its dtype: float16 "

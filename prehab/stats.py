@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .linalg import all_finite
+
 __all__ = [
     "CovarianceCollector",
     "RunningCovariance",
@@ -82,7 +84,7 @@ def _float32_product(a: Tensor, b: Tensor | None, out: Tensor | None = None) -> 
             return None
         return torch.mm(narrow.mT, other, out=out)
     product = torch.mm(narrow.mT, other, out=out)
-    if bool(torch.isfinite(product).all()) or not all(math.isfinite(_peak(x)) for x in ((a,) if b is None else (a, b))):
+    if all_finite(product) or not all(math.isfinite(_peak(x)) for x in ((a,) if b is None else (a, b))):
         return product
     return None
 
@@ -111,7 +113,7 @@ def _float64_product(a: Tensor, b: Tensor | None, where: str) -> Tensor:
     if even float64 does."""
     wide = a.double()
     product = wide.mT @ (wide if b is None else b.double())
-    if not bool(torch.isfinite(product).all()):
+    if not all_finite(product):
         peak = max(_peak(x) for x in ((a,) if b is None else (a, b)))
         raise OverflowError(
             f"activations of magnitude ~{peak:.1e}{f' in layer {where!r}' if where else ''} overflow even a float64 "

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from prehab.linalg import (
+    all_finite,
     damped_cholesky,
     factor_params,
     output_error,
@@ -228,3 +229,21 @@ def test_ridge_keeps_weights_where_the_compressed_inputs_have_no_variance():
         assert _objective(w, a_exact, x, x_hat) < _objective(w, a_ridged, x, x_hat)  # exact wins in sample ...
         new_x, new_x_hat = sample(2000)
         assert _objective(w, a_ridged, new_x, new_x_hat) < _objective(w, a_exact, new_x, new_x_hat)  # ... not out
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_all_finite_agrees_with_the_elementwise_test_on_8x6_matrices(dtype):
+    """One sum decides, except when finite entries overflow the sum: then the elementwise test does."""
+    big = torch.finfo(dtype).max
+    cases = {"plain": torch.randn(8, 6, generator=torch.Generator().manual_seed(0)).to(dtype)}
+    for name, value in [("nan", float("nan")), ("inf", float("inf")), ("-inf", float("-inf"))]:
+        cases[name] = cases["plain"].clone()
+        cases[name][3, 2] = value
+    cases["inf and -inf"] = cases["inf"].clone()
+    cases["inf and -inf"][0, 0] = float("-inf")  # the sum is NaN, not inf
+    cases["sum overflows"] = torch.full((8, 6), big, dtype=dtype)  # every entry finite, the sum is not
+    cases["empty"] = torch.empty(0, 6, dtype=dtype)
+    for name, matrix in cases.items():
+        assert all_finite(matrix) == bool(torch.isfinite(matrix).all()), name
+    assert all_finite(cases["sum overflows"]) and not all_finite(cases["inf and -inf"])
+    assert all_finite(torch.arange(48).reshape(8, 6))  # integers are always finite
