@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import itertools
 import json
 import os
 import pstats
+import statistics
 import subprocess
 import sys
 import time
@@ -61,7 +63,7 @@ def _status(field: str) -> int:
 
 def child(variant: str, blocks: int, windows: int, seq_len: int, smoke: bool, profile: str | None = None) -> dict:
     """One compression in this process; returns its measurements (``profile``: cProfile ``compress`` into that
-    folder as ``{variant}-{blocks}.prof``)."""
+    folder as ``{variant}-{blocks}-{tokens}.prof``)."""
     from gpu_check import _random_llama
 
     from prehab.callbacks import AASVD, SAESSVD, SVDLLM
@@ -105,7 +107,7 @@ def child(variant: str, blocks: int, windows: int, seq_len: int, smoke: bool, pr
     if profiler is not None:
         profiler.disable()
         Path(profile).mkdir(parents=True, exist_ok=True)
-        profiler.dump_stats(str(Path(profile) / f"{variant}-{blocks}.prof"))
+        profiler.dump_stats(str(Path(profile) / f"{variant}-{blocks}-{windows * seq_len}.prof"))
     return {
         "variant": variant,
         "blocks": blocks,
@@ -119,40 +121,56 @@ def child(variant: str, blocks: int, windows: int, seq_len: int, smoke: bool, pr
 
 
 def project(rows: list[dict]) -> list[dict]:
-    """Per-block costs (2 blocks minus 1 block) and the projection to 32 blocks and the paper's tokens."""
+    """Per-block costs (2 blocks minus 1 block) and the projection to 32 blocks and the paper's tokens.
+
+    One row per (variant, calibration tokens). With two or more token counts, the per-block calibration is also
+    fitted as ``fixed + per_token x tokens`` from the smallest and the largest count: checks, rollback copies and
+    allocations do not grow with the calibration set, and scaling them with it (the one-count projection)
+    overstates the paper-sized run. ``projected_hours_fitted_32_blocks`` uses that fit."""
     out = []
+    calibration = lambda r: r["seconds"]["calibration"] + r["seconds"].get("allocation", 0.0)  # noqa: E731
     for variant in dict.fromkeys(r["variant"] for r in rows):
-        by_blocks = {r["blocks"]: r for r in rows if r["variant"] == variant}
-        if not {1, 2} <= set(by_blocks):
-            continue
-        one, two = by_blocks[1], by_blocks[2]
-        calibration = lambda r: r["seconds"]["calibration"] + r["seconds"].get("allocation", 0.0)  # noqa: E731
-        block_calibration = calibration(two) - calibration(one)
-        block_solve = two["seconds"]["factorization"] - one["seconds"]["factorization"]
-        block_forward = two["forward_seconds"] - one["forward_seconds"]
-        scale = PAPER_TOKENS[variant] / two["tokens"]
-        hours = 32 * (block_calibration * scale + block_solve) / 3600
-        out.append(
-            {
-                "variant": variant,
-                "tokens": two["tokens"],
-                "block_calibration_s": block_calibration,
-                "block_factorization_s": block_solve,
-                "block_forward_s": block_forward,
-                "calibration_vs_forward": block_calibration / block_forward if block_forward > 0 else None,
-                "peak_extra_mib_1_block": one["peak_extra_mib"],
-                "peak_extra_mib_2_blocks": two["peak_extra_mib"],
-                "paper_tokens": PAPER_TOKENS[variant],
-                "projected_hours_32_blocks": hours,
-            }
-        )
+        per_tokens = []
+        for tokens in sorted({r["tokens"] for r in rows if r["variant"] == variant}):
+            by_blocks = {r["blocks"]: r for r in rows if r["variant"] == variant and r["tokens"] == tokens}
+            if not {1, 2} <= set(by_blocks):
+                continue
+            one, two = by_blocks[1], by_blocks[2]
+            block_calibration = calibration(two) - calibration(one)
+            block_solve = two["seconds"]["factorization"] - one["seconds"]["factorization"]
+            block_forward = two["forward_seconds"] - one["forward_seconds"]
+            scale = PAPER_TOKENS[variant] / tokens
+            per_tokens.append(
+                {
+                    "variant": variant,
+                    "tokens": tokens,
+                    "block_calibration_s": block_calibration,
+                    "block_factorization_s": block_solve,
+                    "block_forward_s": block_forward,
+                    "calibration_vs_forward": block_calibration / block_forward if block_forward > 0 else None,
+                    "peak_extra_mib_1_block": one["peak_extra_mib"],
+                    "peak_extra_mib_2_blocks": two["peak_extra_mib"],
+                    "paper_tokens": PAPER_TOKENS[variant],
+                    "projected_hours_32_blocks": 32 * (block_calibration * scale + block_solve) / 3600,
+                }
+            )
+        if len(per_tokens) >= 2:
+            low, high = per_tokens[0], per_tokens[-1]
+            per_token = (high["block_calibration_s"] - low["block_calibration_s"]) / (high["tokens"] - low["tokens"])
+            fixed = low["block_calibration_s"] - per_token * low["tokens"]
+            solve = statistics.fmean(p["block_factorization_s"] for p in per_tokens)
+            for p in per_tokens:
+                p["block_calibration_fixed_s"] = fixed
+                p["block_calibration_per_1k_tokens_s"] = 1000 * per_token
+                p["projected_hours_fitted_32_blocks"] = 32 * (fixed + per_token * p["paper_tokens"] + solve) / 3600
+        out += per_tokens
     return out
 
 
-def profile_difference(folder: Path, variant: str, top: int = 15) -> list[dict]:
+def profile_difference(folder: Path, variant: str, tokens: int, top: int = 15) -> list[dict]:
     """Own time per function of ``compress`` (cProfile), 2 blocks minus 1 block, largest differences first: where
     the per-block time goes. Empty when either profile is missing."""
-    paths = [folder / f"{variant}-{blocks}.prof" for blocks in (1, 2)]
+    paths = [folder / f"{variant}-{blocks}-{tokens}.prof" for blocks in (1, 2)]
     if not all(path.is_file() for path in paths):
         return []
     one, two = (pstats.Stats(str(path)).stats for path in paths)  # {(file, line, name): (cc, nc, tt, ct, callers)}
@@ -193,16 +211,31 @@ def table(rows: list[dict], projection: list[dict], threads: int, profiles: dict
         "",
         "Per block (2 blocks minus 1 block) and projected to 32 blocks with the paper's calibration tokens:",
         "",
-        "| method | calibration / block (s) | / plain block forward | factorization / block (s) | paper tokens | "
-        "projected hours, 32 blocks, this CPU |",
-        "|---|---|---|---|---|---|",
+        "| method | tokens | calibration / block (s) | / plain block forward | factorization / block (s) | "
+        "paper tokens | projected hours, 32 blocks, this CPU (calibration scaled by tokens) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for p in projection:
         ratio = "-" if p["calibration_vs_forward"] is None else f"{p['calibration_vs_forward']:.2f}x"
         lines.append(
-            f"| {p['variant']} | {p['block_calibration_s']:.1f} | {ratio} | {p['block_factorization_s']:.1f} | "
-            f"{p['paper_tokens']:,} | {p['projected_hours_32_blocks']:.2f} |"
+            f"| {p['variant']} | {p['tokens']:,} | {p['block_calibration_s']:.1f} | {ratio} | "
+            f"{p['block_factorization_s']:.1f} | {p['paper_tokens']:,} | {p['projected_hours_32_blocks']:.2f} |"
         )
+    fitted = {p["variant"]: p for p in projection if "projected_hours_fitted_32_blocks" in p}
+    if fitted:
+        lines += [
+            "",
+            "Per-block calibration fitted as fixed + per-token cost (smallest and largest token count), projected "
+            "with only the per-token part scaled:",
+            "",
+            "| method | fixed / block (s) | per 1k tokens / block (s) | projected hours, 32 blocks, this CPU |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {v} | {p['block_calibration_fixed_s']:.1f} | {p['block_calibration_per_1k_tokens_s']:.2f} | "
+            f"{p['projected_hours_fitted_32_blocks']:.2f} |"
+            for v, p in fitted.items()
+        ]
     for variant, functions in (profiles or {}).items():
         lines += [
             "",
@@ -224,70 +257,74 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS[:4]), choices=VARIANTS)
     parser.add_argument("--blocks", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--windows", type=int, default=4, help="calibration windows")
+    parser.add_argument("--windows", type=int, nargs="+", default=[4],
+                        help="calibration windows; two or more counts also fit each block's calibration as fixed + "
+                             "per-token cost")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", help="folder for rows.json and results.md")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (CI)")
     parser.add_argument("--profile", action="store_true",
-                        help="cProfile each compression (OUT/profiles/VARIANT-BLOCKS.prof; needs --out) and tabulate "
-                             "each function's own time, 2 blocks minus 1 block")
+                        help="cProfile each compression (OUT/profiles/VARIANT-BLOCKS-TOKENS.prof; needs --out) and "
+                             "tabulate each function's own time, 2 blocks minus 1 block (first --windows count)")
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "BLOCKS"), help=argparse.SUPPRESS)
     parser.add_argument("--profile-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.profile and not args.out:
         parser.error("--profile writes OUT/profiles: pass --out OUT too.")
-    if args.smoke:
-        args.windows, args.seq_len = 2, 16
+    if any(w < 1 for w in args.windows):
+        parser.error(f"--windows {args.windows} is invalid: use counts >= 1.")
+    if args.smoke and not args.child:  # a child gets its windows and sequence length passed
+        args.windows, args.seq_len = ([2] if len(args.windows) == 1 else [2, 4]), 16
     if args.child:
         torch.set_num_threads(args.threads)
-        row = child(args.child[0], int(args.child[1]), args.windows, args.seq_len, args.smoke, args.profile_dir)
+        row = child(args.child[0], int(args.child[1]), args.windows[0], args.seq_len, args.smoke, args.profile_dir)
         print(json.dumps(row))
         return [row]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = Path(args.out) if args.out else None
-    done = {}  # rows of an interrupted run, resumed from rows.jsonl (same windows and threads only)
+    done = {}  # rows of an interrupted run, resumed from rows.jsonl (same threads only)
     if out is not None and (out / "rows.jsonl").exists():
         for line in (out / "rows.jsonl").read_text().splitlines():
             row = json.loads(line)
-            if row["tokens"] == args.windows * args.seq_len and row["torch_threads"] == args.threads:
-                done[(row["variant"], row["blocks"])] = row
+            if row["torch_threads"] == args.threads:
+                done[(row["variant"], row["blocks"], row["tokens"])] = row
     rows = []
-    for variant in args.variants:
-        for blocks in args.blocks:
-            if (variant, blocks) in done:
-                rows.append(done[(variant, blocks)])
-                continue
-            command = [
-                sys.executable,
-                __file__,
-                "--child",
-                variant,
-                str(blocks),
-                "--threads",
-                str(args.threads),
-                "--windows",
-                str(args.windows),
-                "--seq-len",
-                str(args.seq_len),
-            ]
-            if args.smoke:
-                command.append("--smoke")
-            if args.profile:
-                command += ["--profile-dir", str(out / "profiles")]
-            run = subprocess.run(command, env=env, capture_output=True, text=True)
-            if run.returncode:
-                raise SystemExit(f"{variant} with {blocks} blocks failed:\n{run.stderr[-3000:]}")
-            rows.append(json.loads(run.stdout.strip().splitlines()[-1]))
-            print(json.dumps(rows[-1]), flush=True)
-            if out is not None:
-                out.mkdir(parents=True, exist_ok=True)
-                with open(out / "rows.jsonl", "a") as log:
-                    log.write(json.dumps(rows[-1]) + "\n")
+    for variant, windows, blocks in itertools.product(args.variants, args.windows, args.blocks):
+        if (variant, blocks, windows * args.seq_len) in done:
+            rows.append(done[(variant, blocks, windows * args.seq_len)])
+            continue
+        command = [
+            sys.executable,
+            __file__,
+            "--child",
+            variant,
+            str(blocks),
+            "--threads",
+            str(args.threads),
+            "--windows",
+            str(windows),
+            "--seq-len",
+            str(args.seq_len),
+        ]
+        if args.smoke:
+            command.append("--smoke")
+        if args.profile:
+            command += ["--profile-dir", str(out / "profiles")]
+        run = subprocess.run(command, env=env, capture_output=True, text=True)
+        if run.returncode:
+            raise SystemExit(f"{variant} with {blocks} blocks failed:\n{run.stderr[-3000:]}")
+        rows.append(json.loads(run.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            with open(out / "rows.jsonl", "a") as log:
+                log.write(json.dumps(rows[-1]) + "\n")
     projection = project(rows)
     profiles = {}
     if out is not None and (out / "profiles").is_dir():
-        profiles = {v: p for v in args.variants if (p := profile_difference(out / "profiles", v))}
+        tokens = args.windows[0] * args.seq_len  # the first --windows value's profiles
+        profiles = {v: p for v in args.variants if (p := profile_difference(out / "profiles", v, tokens))}
     text = table(rows, projection, args.threads, profiles)
     print(text)
     if out is not None:

@@ -31,3 +31,28 @@ def test_smoke_mode_measures_one_and_two_blocks_and_projects(tmp_path):
     assert everything["function"] == "all functions" and everything["calls_2"] > everything["calls_1"] > 0
     assert everything["own_2_s"] > everything["own_1_s"] > 0
     assert all(f["calls_2"] >= f["calls_1"] for f in profiles["svd_llm"])
+
+
+def test_projection_fits_fixed_plus_per_token_calibration_from_two_token_counts():
+    """Hand-made rows: per block 3 s fixed + 2 s per 1k tokens, 100 s factorization; the fit recovers them and
+    projects only the per-token part to the paper's tokens."""
+    project = runpy.run_path(str(BENCH))["project"]
+
+    def row(blocks: int, tokens: int) -> dict:
+        calibration = 5.0 + blocks * (3.0 + 2.0 * tokens / 1000)  # 5 s outside the blocks
+        return {"variant": "svd_llm", "blocks": blocks, "tokens": tokens, "forward_seconds": 1.0 + blocks,
+                "seconds": {"calibration": calibration, "factorization": 100.0 * blocks}, "peak_extra_mib": 1.0}
+
+    projection = project([row(b, t) for t in (2048, 4096) for b in (1, 2)])
+    assert [p["tokens"] for p in projection] == [2048, 4096]
+    low, high = projection
+    assert low["block_calibration_s"] == pytest.approx(3.0 + 2.0 * 2.048)
+    assert high["block_calibration_s"] == pytest.approx(3.0 + 2.0 * 4.096)
+    assert low["block_calibration_fixed_s"] == pytest.approx(3.0)
+    assert low["block_calibration_per_1k_tokens_s"] == pytest.approx(2.0)
+    paper = 256 * 2048
+    assert low["projected_hours_fitted_32_blocks"] == pytest.approx(32 * (3.0 + 2.0 * paper / 1000 + 100.0) / 3600)
+    # the one-count projection scales the fixed 3 s with the tokens too, so it comes out higher
+    assert low["projected_hours_32_blocks"] == pytest.approx(32 * ((3.0 + 4.096) * paper / 2048 + 100.0) / 3600)
+    assert low["projected_hours_32_blocks"] > low["projected_hours_fitted_32_blocks"]
+    assert "block_calibration_fixed_s" not in project([row(b, 2048) for b in (1, 2)])[0]  # one count: no fit
