@@ -192,7 +192,45 @@ def profile_difference(folder: Path, variant: str, tokens: int, top: int = 15) -
     return rows[:top] + [total]
 
 
-def table(rows: list[dict], projection: list[dict], threads: int, profiles: dict[str, list[dict]] | None = None) -> str:
+# Parts of ``compress`` in one profiled run: (label, [(file, function), ...]); each (file, function) counts its
+# largest cumulative time among same-named functions (the outer one: an inner namesake's time is inside it).
+PARTS = [
+    ("capture of the first block's inputs + the layout check (1 batch through every block)",
+     [("pipeline.py", "_capture_stack_inputs")]),
+    ("block passes (forward + statistics hooks)", [("pipeline.py", "__call__")]),
+    ("  of which statistics products (hooks)", [("stats.py", "_observe"), ("pipeline.py", "add")]),
+    ("dense-input cache (two streams)", [("pipeline.py", "_record_dense")]),
+    ("NaN/Inf checks of the statistics (every caller, the solver's too)", [("base.py", "_check_statistics")]),
+    ("rollback copies of the replaced layers", [("rollback.py", "put")]),
+    ("factorization (solver, report error, checks)", [("base.py", "solve_group")]),
+    ("  of which the report's relative error", [("base.py", "_relative_error")]),
+]
+
+
+def profile_parts(path: Path, blocks: int) -> list[dict]:
+    """Cumulative seconds of each :data:`PARTS` entry in one profiled ``compress`` (all from the same run, so
+    the machine's load is shared by every part), per block, and against the block passes without statistics."""
+    stats = pstats.Stats(str(path)).stats  # {(file, line, name): (cc, nc, tt, ct, callers)}
+    total = max(value[3] for (_, _, name), value in stats.items() if name == "compress")
+    out = [{"part": "compress, all", "seconds": total, "per_block_s": total / blocks}]
+    for label, functions in PARTS:
+        seconds = 0.0
+        for file, function in functions:
+            matches = [v[3] for (f, _, n), v in stats.items() if n == function and Path(f).name == file]
+            seconds += max(matches, default=0.0)
+        out.append({"part": label, "seconds": seconds, "per_block_s": seconds / blocks})
+    by_label = {r["part"]: r["seconds"] for r in out}
+    outside = total - by_label[PARTS[6][0]]
+    out.insert(1, {"part": "outside the factorization (the report's calibration)", "seconds": outside,
+                   "per_block_s": outside / blocks})
+    plain = by_label[PARTS[1][0]] - by_label[PARTS[2][0]]  # the block passes without statistics
+    for r in out:
+        r["vs_plain_pass"] = r["seconds"] / plain if plain > 0 else None
+    return out
+
+
+def table(rows: list[dict], projection: list[dict], threads: int, profiles: dict[str, list[dict]] | None = None,
+          parts: dict[str, list[dict]] | None = None) -> str:
     lines = [
         f"Measured: random Llama with LLaMA-7B's block shapes, float32, CPU, {threads} torch thread(s).",
         "",
@@ -249,6 +287,20 @@ def table(rows: list[dict], projection: list[dict], threads: int, profiles: dict
             f"| `{f['function']}` | {f['calls_1']:,} | {f['calls_2']:,} | {f['own_1_s']:.2f} | {f['own_2_s']:.2f} | "
             f"{f['own_per_block_s']:.2f} |"
             for f in functions
+        ]
+    for variant, rows_ in (parts or {}).items():
+        lines += [
+            "",
+            f"Parts of {variant}'s compression in its deepest profiled run (cProfile cumulative time; one run, so "
+            "every part ran under the same load):",
+            "",
+            "| part | seconds | per block | / block pass without statistics |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['part']} | {r['seconds']:.1f} | {r['per_block_s']:.1f} | "
+            f"{'-' if r['vs_plain_pass'] is None else format(r['vs_plain_pass'], '.2f') + 'x'} |"
+            for r in rows_ if r["seconds"] > 0
         ]
     return "\n".join(lines) + "\n"
 
@@ -325,11 +377,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if out is not None and (out / "profiles").is_dir():
         tokens = args.windows[0] * args.seq_len  # the first --windows value's profiles
         profiles = {v: p for v in args.variants if (p := profile_difference(out / "profiles", v, tokens))}
-    text = table(rows, projection, args.threads, profiles)
+    parts = {}
+    for variant in args.variants if out is not None else ():
+        deepest = max(args.blocks)
+        path = out / "profiles" / f"{variant}-{deepest}-{args.windows[0] * args.seq_len}.prof"
+        if path.is_file():
+            parts[variant] = profile_parts(path, deepest)
+    text = table(rows, projection, args.threads, profiles, parts)
     print(text)
     if out is not None:
         (out / "rows.json").write_text(
-            json.dumps({"rows": rows, "projection": projection, "profiles": profiles, "args": vars(args)}, indent=2)
+            json.dumps({"rows": rows, "projection": projection, "profiles": profiles, "parts": parts,
+                        "args": vars(args)}, indent=2)
         )
         (out / "results.md").write_text(text)
     return rows

@@ -31,6 +31,14 @@ def test_smoke_mode_measures_one_and_two_blocks_and_projects(tmp_path):
     assert everything["function"] == "all functions" and everything["calls_2"] > everything["calls_1"] > 0
     assert everything["own_2_s"] > everything["own_1_s"] > 0
     assert all(f["calls_2"] >= f["calls_1"] for f in profiles["svd_llm"])
+    # and the parts of the 2-block run: every part inside the whole, the passes' statistics inside the passes
+    parts = {r["part"]: r for r in json.loads((tmp_path / "rows.json").read_text())["parts"]["svd_llm"]}
+    whole = parts["compress, all"]["seconds"]
+    passes = parts["block passes (forward + statistics hooks)"]["seconds"]
+    assert 0 < parts["  of which statistics products (hooks)"]["seconds"] < passes < whole
+    assert 0 < parts["rollback copies of the replaced layers"]["seconds"] < whole
+    assert parts["compress, all"]["per_block_s"] == pytest.approx(whole / 2)
+    assert "Parts of svd_llm's compression" in text
 
 
 def test_projection_fits_fixed_plus_per_token_calibration_from_two_token_counts():
