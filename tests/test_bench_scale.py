@@ -1,6 +1,7 @@
 """The LLaMA-7B-shape projection benchmark's --smoke mode: subprocess per run, per-block difference, projection."""
 
 import json
+import re
 import runpy
 from pathlib import Path
 
@@ -64,3 +65,15 @@ def test_projection_fits_fixed_plus_per_token_calibration_from_two_token_counts(
     assert low["projected_hours_32_blocks"] == pytest.approx(32 * ((3.0 + 4.096) * paper / 2048 + 100.0) / 3600)
     assert low["projected_hours_32_blocks"] > low["projected_hours_fitted_32_blocks"]
     assert "block_calibration_fixed_s" not in project([row(b, 2048) for b in (1, 2)])[0]  # one count: no fit
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [(["--profile"], "--profile writes OUT/profiles: pass --out OUT too"),
+     (["--windows", "4", "0"], r"--windows \[4, 0\] is invalid: use counts >= 1")],
+)
+def test_bad_flags_are_refused_by_name_before_any_run(argv, match, capsys):
+    main = runpy.run_path(str(BENCH))["main"]
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert re.search(match, capsys.readouterr().err)
