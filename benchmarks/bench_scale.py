@@ -194,15 +194,18 @@ def profile_difference(folder: Path, variant: str, tokens: int, top: int = 15) -
 
 # Parts of ``compress`` in one profiled run: (label, [(file, function), ...]); each (file, function) counts its
 # largest cumulative time among same-named functions (the outer one: an inner namesake's time is inside it).
+PASSES = "block passes (forward + statistics hooks)"
+STATISTICS = "  of which statistics products (hooks)"
+FACTORIZATION = "factorization (solver, report error, checks)"
 PARTS = [
     ("capture of the first block's inputs + the layout check (1 batch through every block)",
      [("pipeline.py", "_capture_stack_inputs")]),
-    ("block passes (forward + statistics hooks)", [("pipeline.py", "__call__")]),
-    ("  of which statistics products (hooks)", [("stats.py", "_observe"), ("pipeline.py", "add")]),
+    (PASSES, [("pipeline.py", "__call__")]),
+    (STATISTICS, [("stats.py", "_observe"), ("pipeline.py", "add")]),
     ("dense-input cache (two streams)", [("pipeline.py", "_record_dense")]),
     ("NaN/Inf checks of the statistics (every caller, the solver's too)", [("base.py", "_check_statistics")]),
     ("rollback copies of the replaced layers", [("rollback.py", "put")]),
-    ("factorization (solver, report error, checks)", [("base.py", "solve_group")]),
+    (FACTORIZATION, [("base.py", "solve_group")]),
     ("  of which the report's relative error", [("base.py", "_relative_error")]),
 ]
 
@@ -220,88 +223,68 @@ def profile_parts(path: Path, blocks: int) -> list[dict]:
             seconds += max(matches, default=0.0)
         out.append({"part": label, "seconds": seconds, "per_block_s": seconds / blocks})
     by_label = {r["part"]: r["seconds"] for r in out}
-    outside = total - by_label[PARTS[6][0]]
+    outside = total - by_label[FACTORIZATION]
     out.insert(1, {"part": "outside the factorization (the report's calibration)", "seconds": outside,
                    "per_block_s": outside / blocks})
-    plain = by_label[PARTS[1][0]] - by_label[PARTS[2][0]]  # the block passes without statistics
+    plain = by_label[PASSES] - by_label[STATISTICS]  # the block passes without statistics
     for r in out:
         r["vs_plain_pass"] = r["seconds"] / plain if plain > 0 else None
     return out
 
 
+def _section(title: str | None, columns: list[str], body: list[str]) -> list[str]:
+    """A markdown table (after a blank line and ``title``, when given) with ``columns`` as its header."""
+    head = ["", title, ""] if title else []
+    return head + ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns), *body]
+
+
 def table(rows: list[dict], projection: list[dict], threads: int, profiles: dict[str, list[dict]] | None = None,
           parts: dict[str, list[dict]] | None = None) -> str:
-    lines = [
-        f"Measured: random Llama with LLaMA-7B's block shapes, float32, CPU, {threads} torch thread(s).",
-        "",
-        "| method | blocks | tokens | plain forward (s) | calibration (s) | factorization (s) | total (s) "
-        "| peak extra RSS (MiB) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        s = r["seconds"]
-        lines.append(
-            f"| {r['variant']} | {r['blocks']} | {r['tokens']:,} | {r['forward_seconds']:.1f} | "
-            f"{s['calibration'] + s.get('allocation', 0.0):.1f} | {s['factorization']:.1f} | {s['total']:.1f} | "
-            f"{r['peak_extra_mib']:,.0f} |"
-        )
-    lines += [
-        "",
+    lines = [f"Measured: random Llama with LLaMA-7B's block shapes, float32, CPU, {threads} torch thread(s).", ""]
+    lines += _section(None, ["method", "blocks", "tokens", "plain forward (s)", "calibration (s)",
+                             "factorization (s)", "total (s)", "peak extra RSS (MiB)"], [
+        f"| {r['variant']} | {r['blocks']} | {r['tokens']:,} | {r['forward_seconds']:.1f} | "
+        f"{r['seconds']['calibration'] + r['seconds'].get('allocation', 0.0):.1f} | "
+        f"{r['seconds']['factorization']:.1f} | {r['seconds']['total']:.1f} | {r['peak_extra_mib']:,.0f} |"
+        for r in rows
+    ])
+    lines += _section(
         "Per block (2 blocks minus 1 block) and projected to 32 blocks with the paper's calibration tokens:",
-        "",
-        "| method | tokens | calibration / block (s) | / plain block forward | factorization / block (s) | "
-        "paper tokens | projected hours, 32 blocks, this CPU (calibration scaled by tokens) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for p in projection:
-        ratio = "-" if p["calibration_vs_forward"] is None else f"{p['calibration_vs_forward']:.2f}x"
-        lines.append(
-            f"| {p['variant']} | {p['tokens']:,} | {p['block_calibration_s']:.1f} | {ratio} | "
+        ["method", "tokens", "calibration / block (s)", "/ plain block forward", "factorization / block (s)",
+         "paper tokens", "projected hours, 32 blocks, this CPU (calibration scaled by tokens)"], [
+            f"| {p['variant']} | {p['tokens']:,} | {p['block_calibration_s']:.1f} | "
+            f"{'-' if p['calibration_vs_forward'] is None else format(p['calibration_vs_forward'], '.2f') + 'x'} | "
             f"{p['block_factorization_s']:.1f} | {p['paper_tokens']:,} | {p['projected_hours_32_blocks']:.2f} |"
-        )
+            for p in projection
+        ])
     fitted = {p["variant"]: p for p in projection if "projected_hours_fitted_32_blocks" in p}
     if fitted:
-        lines += [
-            "",
+        lines += _section(
             "Per-block calibration fitted as fixed + per-token cost (smallest and largest token count), projected "
             "with only the per-token part scaled:",
-            "",
-            "| method | fixed / block (s) | per 1k tokens / block (s) | projected hours, 32 blocks, this CPU |",
-            "|---|---|---|---|",
-        ]
-        lines += [
-            f"| {v} | {p['block_calibration_fixed_s']:.1f} | {p['block_calibration_per_1k_tokens_s']:.2f} | "
-            f"{p['projected_hours_fitted_32_blocks']:.2f} |"
-            for v, p in fitted.items()
-        ]
+            ["method", "fixed / block (s)", "per 1k tokens / block (s)", "projected hours, 32 blocks, this CPU"], [
+                f"| {v} | {p['block_calibration_fixed_s']:.1f} | {p['block_calibration_per_1k_tokens_s']:.2f} | "
+                f"{p['projected_hours_fitted_32_blocks']:.2f} |"
+                for v, p in fitted.items()
+            ])
     for variant, functions in (profiles or {}).items():
-        lines += [
-            "",
+        lines += _section(
             f"Where {variant}'s per-block time goes: own time per function in ``compress`` (cProfile), 2 blocks "
             "minus 1 block:",
-            "",
-            "| function | calls, 1 block | calls, 2 blocks | own s, 1 block | own s, 2 blocks | per block (s) |",
-            "|---|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| `{f['function']}` | {f['calls_1']:,} | {f['calls_2']:,} | {f['own_1_s']:.2f} | {f['own_2_s']:.2f} | "
-            f"{f['own_per_block_s']:.2f} |"
-            for f in functions
-        ]
+            ["function", "calls, 1 block", "calls, 2 blocks", "own s, 1 block", "own s, 2 blocks", "per block (s)"], [
+                f"| `{f['function']}` | {f['calls_1']:,} | {f['calls_2']:,} | {f['own_1_s']:.2f} | "
+                f"{f['own_2_s']:.2f} | {f['own_per_block_s']:.2f} |"
+                for f in functions
+            ])
     for variant, rows_ in (parts or {}).items():
-        lines += [
-            "",
+        lines += _section(
             f"Parts of {variant}'s compression in its deepest profiled run (cProfile cumulative time; one run, so "
             "every part ran under the same load):",
-            "",
-            "| part | seconds | per block | / block pass without statistics |",
-            "|---|---|---|---|",
-        ]
-        lines += [
-            f"| {r['part']} | {r['seconds']:.1f} | {r['per_block_s']:.1f} | "
-            f"{'-' if r['vs_plain_pass'] is None else format(r['vs_plain_pass'], '.2f') + 'x'} |"
-            for r in rows_ if r["seconds"] > 0
-        ]
+            ["part", "seconds", "per block", "/ block pass without statistics"], [
+                f"| {r['part']} | {r['seconds']:.1f} | {r['per_block_s']:.1f} | "
+                f"{'-' if r['vs_plain_pass'] is None else format(r['vs_plain_pass'], '.2f') + 'x'} |"
+                for r in rows_ if r["seconds"] > 0
+            ])
     return "\n".join(lines) + "\n"
 
 

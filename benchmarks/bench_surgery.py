@@ -160,13 +160,14 @@ def _report_error_before(weight: torch.Tensor, approx: torch.Tensor, g: torch.Te
 
 def bench_report_error(shapes: list[tuple[int, int]], ratio: float) -> list[str]:
     """The relative output error each layer's report line carries (one stream, float64): the formula before
-    session 13 on ``W' = up @ down`` against :func:`output_error_and_energy` on the factors."""
-    from prehab.linalg import output_error_and_energy  # here: --only block also runs on older versions
+    session 13 on ``W' = up @ down``, :func:`output_error_and_energy` on the factors (sessions 13-16), and
+    :func:`solver_output_error` from the solver's own spectrum (session 17), beside the solve itself."""
+    from prehab.linalg import output_error_and_energy, solver_output_error  # here: --only block runs on old versions
 
     out = [
-        "| layer (out x in) | rank | before: three products (s) | now: W G + factors (s) | now / before "
-        "| relative error before / now |",
-        "|---|---|---|---|---|---|",
+        "| layer (out x in) | rank | solve (s) | before: three products (s) | W G + factors (s) | solver spectrum (s) "
+        "| spectrum / W G + factors | relative error: three products / factors / spectrum |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for out_features, in_features in shapes:
         g = torch.Generator().manual_seed(0)
@@ -174,14 +175,17 @@ def bench_report_error(shapes: list[tuple[int, int]], ratio: float) -> list[str]
         x = torch.randn(2 * in_features, in_features, generator=g, dtype=torch.float64)
         covariance = x.T @ x / len(x)
         rank = rank_from_ratio(out_features, in_features, ratio)
+        solve = _timed(lambda w=weight, r=rank, c=covariance: solve_lowrank(w, r, whitening=c))
         factors = solve_lowrank(weight, rank, whitening=covariance)
         before = _timed(lambda f=factors, w=weight, c=covariance: _report_error_before(w, f.up @ f.down, c))
-        now = _timed(lambda f=factors, w=weight, c=covariance: output_error_and_energy(w, (f.up, f.down), c))
+        product = _timed(lambda f=factors, w=weight, c=covariance: output_error_and_energy(w, (f.up, f.down), c))
+        spectrum = _timed(lambda f=factors, w=weight: solver_output_error(w, f))
         error, dense = output_error_and_energy(weight, (factors.up, factors.down), covariance)
+        fast, fast_dense = solver_output_error(weight, factors)
         reference = _report_error_before(weight, factors.up @ factors.down, covariance)
         out.append(
-            f"| {out_features}x{in_features} | {rank} | {before:.2f} | {now:.2f} | {now / before:.2f}x "
-            f"| {reference:.10f} / {error / dense:.10f} |"
+            f"| {out_features}x{in_features} | {rank} | {solve:.2f} | {before:.2f} | {product:.2f} | {spectrum:.3f} "
+            f"| {spectrum / product:.3f}x | {reference:.10f} / {error / dense:.10f} / {fast / fast_dense:.10f} |"
         )
     return out
 

@@ -15,7 +15,7 @@ triangular Cholesky factor needs), and the minimum is ``‖WX‖² − ‖M‖²
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -29,10 +29,12 @@ __all__ = [
     "LowRankFactors",
     "damped_cholesky",
     "damping_schedule",
+    "ridge_shift",
     "ridge_statistics",
     "factor_params",
     "output_error",
     "output_error_and_energy",
+    "solver_output_error",
     "rank_from_ratio",
     "solve_lowrank",
     "truncated_svd",
@@ -181,10 +183,17 @@ def ridge_statistics(stats: dict[str, Tensor], ridge: float) -> dict[str, Tensor
         return stats
     keys = ("H", "C") if "H" in stats else ("G",)
     base = stats[keys[0]]
-    n = base.shape[-1]
-    shift = ridge * float(torch.diagonal(base).sum()) / n
-    eye = torch.eye(n, dtype=base.dtype, device=base.device)
+    shift = ridge_shift(stats, ridge)
+    eye = torch.eye(base.shape[-1], dtype=base.dtype, device=base.device)
     return {key: value + shift * eye if key in keys else value for key, value in stats.items()}
+
+
+def ridge_shift(stats: dict[str, Tensor], ridge: float) -> float:
+    """The ``ε s`` that :func:`ridge_statistics` adds to the diagonal (``s = trace/n`` of ``H``, else ``G``)."""
+    if ridge == 0.0 or not stats:
+        return 0.0
+    base = stats["H"] if "H" in stats else stats["G"]
+    return ridge * float(torch.diagonal(base).sum()) / base.shape[-1]
 
 
 def truncated_svd(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -230,6 +239,13 @@ class LowRankFactors:
     relative_damping: float
     singular: bool
     beta: float | None = None  # SAES-SVD's β, when one was used
+    # What the solver factored, for :func:`solver_output_error`: the covariances it was given (references, no
+    # copies; None for plain SVD), ‖M‖² of its target M = W K L⁻ᵀ, and the shift of its cross term K over the one
+    # given (the damping when K was H itself, SVD-LLM; 0 when K was given, AA-SVD and SAES-SVD).
+    whitening: Tensor | None = field(default=None, repr=False, compare=False)
+    cross: Tensor | None = field(default=None, repr=False, compare=False)
+    target_energy: float | None = None
+    cross_shift: float = 0.0
 
 
 def solve_lowrank(
@@ -273,7 +289,11 @@ def solve_lowrank(
     root = s.sqrt()
     # down = Σ^½ V_rᵀ L⁻¹, so downᵀ = L⁻ᵀ (V_r Σ^½): a solve with the upper factor Lᵀ.
     down = torch.linalg.solve_triangular(lower.mT, vh.mT * root, upper=True).mT
-    return LowRankFactors(u * root, down, s, chol.damping, chol.relative_damping, chol.singular)
+    return LowRankFactors(
+        u * root, down, s, chol.damping, chol.relative_damping, chol.singular,
+        whitening=whitening, cross=cross, target_energy=float(target.square().sum()),
+        cross_shift=chol.damping if cross is None else 0.0,
+    )
 
 
 def output_error(
@@ -327,6 +347,48 @@ def output_error_and_energy(
         mixed = (wc * a).sum()  # tr(W C W'ᵀ)
         compressed = (a @ h * a).sum()
     return float(dense - 2.0 * mixed + compressed), dense
+
+
+def solver_output_error(
+    weight: Tensor, factors: LowRankFactors, dense: float | None = None, shift: float = 0.0
+) -> tuple[float, float]:
+    """:func:`output_error_and_energy` of the solver's own optimum, from the spectrum it already computed.
+
+    Valid when the solver factored the report's statistics, up to ``shift`` (a ridge, :func:`ridge_statistics`)
+    on the diagonal: ``factors.whitening`` is ``H`` (or ``G``, one stream) plus ``shift``, ``factors.cross`` is
+    ``C`` plus ``shift`` (None with one stream: the solver's cross term is its damped whitening). The solver
+    minimized ``F(W') = E − 2 tr(W (C + a I) W'ᵀ) + tr(W' (H + b I) W'ᵀ)`` for some constant ``E``, whose minimum
+    over rank ``r`` is ``E − Σ_{i≤r} σ_i(M)²`` (AA-SVD, Theorem 3.1); ``F`` is the report's error plus
+    ``E − ‖WX‖² − 2a ⟨W, W'⟩ + b ‖W'‖²``, so at the optimum the error is
+    ``‖WX‖² − Σ_{i≤r} σ_i² + 2a ⟨W, W'⟩ − b ‖W'‖²``, with ``b`` = damping + ``shift`` and ``a`` =
+    ``factors.cross_shift`` + ``shift``. No ``out x in x in`` product: ``⟨W, W'⟩`` costs ``out x in x r`` (only
+    when ``a ≠ 0``), ``‖W'‖² = ⟨upᵀup, down downᵀ⟩`` costs ``r² (out + in)``.
+
+    Args:
+        weight: ``W``, out x in.
+        factors: :func:`solve_lowrank`'s result for ``weight`` with a whitening covariance.
+        dense: ``‖WX‖²``. None: one stream (no cross term), where ``‖WX‖² = ‖W L‖² − b‖W‖²``
+            (``L Lᵀ = G + b I``).
+        shift: what was added to the report's covariances' diagonal before solving (0: nothing).
+
+    Returns:
+        ``(error, dense)`` as :func:`output_error_and_energy` returns them, equal to round-off.
+    """
+    if factors.target_energy is None:
+        raise ValueError("solver_output_error needs factors from solve_lowrank with a whitening covariance.")
+    if dense is None and factors.cross is not None:
+        raise ValueError("solver_output_error: pass dense (‖WX‖²) for factors solved with a cross term.")
+    w = weight.to(torch.float64)
+    up, down = (f.to(torch.float64) for f in (factors.up, factors.down))
+    cross_shift, whitening_shift = factors.cross_shift + shift, factors.damping + shift
+    if dense is None:
+        dense = factors.target_energy - (whitening_shift * float(w.square().sum()) if whitening_shift else 0.0)
+    error = dense - float(factors.singular_values.to(torch.float64).square().sum())
+    if cross_shift:
+        error += 2.0 * cross_shift * float(((w @ down.mT) * up).sum())  # ⟨W, up down⟩
+    if whitening_shift:
+        error -= whitening_shift * float(((up.mT @ up) * (down @ down.mT)).sum())  # ‖up down‖²
+    return error, dense
 
 
 @dataclass

@@ -13,11 +13,11 @@ def test_smoke_mode_statistics_and_report_error(capsys):
     printed = capsys.readouterr().out
     statistics = [line for line in printed.splitlines() if re.match(r"\| xᵀ[xy] \| (32|96) \| 16 \|", line)]
     assert len(statistics) == 4
-    errors = re.findall(r"\| (\d+)x(\d+) \| \d+ \|.*\| ([\d.]+) / ([\d.]+) \|", printed)
+    errors = re.findall(r"\| (\d+)x(\d+) \| \d+ \|.*\| ([\d.]+) / ([\d.]+) / ([\d.]+) \|", printed)
     assert [(o, i) for o, i, *_ in errors] == [("64", "256"), ("256", "64")]
-    for *_, before, now in errors:  # the cheaper route computes the same relative error
-        assert 0 < float(now) < 1
-        assert abs(float(before) - float(now)) < 1e-9
+    for *_, before, factors, spectrum in errors:  # the cheaper routes compute the same relative error
+        assert 0 < float(spectrum) < 1
+        assert abs(float(before) - float(factors)) < 1e-9 and abs(float(before) - float(spectrum)) < 1e-9
     assert re.search(r"\| 64, 160 \| 2 x 16 \| [\d.]+ \| [\d.]+ \| [\d.]+ \| -?[\d.]+x \| -?[\d.]+x \|", printed)
     betas = [float(b) for b in re.findall(r"^\| \d+x\d+ \| 40 \| [\d.]+ \| ([\d.]+) \|$", printed, re.M)]
     assert len(betas) == 2 and all(0.25 <= b <= 0.75 for b in betas)  # ACES's default interval

@@ -16,8 +16,8 @@ from transformers.pytorch_utils import Conv1D
 
 from prehab import LowRankLinear
 from prehab.calibration import CalibrationForwardError
-from prehab.callbacks import AASVD, SVD, SVDLLM, LowRankCompression
-from prehab.linalg import rank_from_ratio
+from prehab.callbacks import AASVD, SAESSVD, SVD, SVDLLM, LowRankCompression
+from prehab.linalg import output_error_and_energy, rank_from_ratio
 
 EXPECTED_TARGETS = {"llama": 14, "gpt2": 8, "bert": 12, "vit": 8}
 
@@ -92,6 +92,46 @@ def test_svd_llm_beats_plain_svd_on_calibration_data(kind):
     for plain, whitened in zip(reports["svd"].layers, reports["svd_llm"].layers, strict=True):
         assert whitened.relative_error <= plain.relative_error + 1e-9
     assert errors["svd_llm"] < errors["svd"], errors
+
+
+@pytest.mark.parametrize(
+    ("method", "spectrum_route"),
+    [(SVDLLM(ratio=0.5), True), (SVDLLM(ratio=0.5, ridge=0.1), True), (AASVD(ratio=0.5), True),
+     (AASVD(ratio=0.5, ridge=0.0), True), (SAESSVD(ratio=0.5), False), (SVDLLM(ratio=0.5, propagate=True), False)],
+    ids=["svd_llm", "svd_llm-ridge", "aa_svd-ridge", "aa_svd", "saes_svd", "svd_llm-propagate"],
+)
+def test_report_error_from_the_solver_spectrum_matches_the_covariance_formula(method, spectrum_route, monkeypatch):
+    """Where the solver factored the report's statistics (SVD-LLM on G, AA-SVD on H and C, each with or without a
+    ridge), the report's error comes from the solver's spectrum instead of the ``out x in x in`` covariance
+    formula; it must equal that formula on every layer. SAES-SVD's mixed cross term and SVD-LLM's propagated
+    whitening are other objectives: they keep the formula."""
+    import prehab.callbacks.base as base
+
+    spectrum_calls, checked = [], []
+    spectrum = base.solver_output_error
+    monkeypatch.setattr(base, "solver_output_error", lambda *a: spectrum_calls.append(1) or spectrum(*a))
+    relative_error = LowRankCompression._relative_error
+
+    def both(self, weight, factors, stats, dense_energy=None, solver_stats=None):
+        error = relative_error(self, weight, factors, stats, dense_energy, solver_stats)
+        dense = None if "G" in stats else dense_energy
+        slow, energy = output_error_and_energy(
+            weight, (factors.up, factors.down), stats.get("G"), stats.get("C"), stats.get("H"), dense=dense
+        )
+        checked.append((error, max(slow, 0.0) / energy))
+        return error
+
+    monkeypatch.setattr(LowRankCompression, "_relative_error", both)
+    module = TinyModule("llama")
+    fast_trainer(max_steps=10).fit(module, train_dataloaders=loader_for("llama"))
+    method.calibration_batches = 2
+    method.compress(module, loader_for("llama", seed=1), progress=False)
+    assert len(checked) == EXPECTED_TARGETS["llama"]
+    assert len(spectrum_calls) == (len(checked) if spectrum_route else 0)
+    for error, slow in checked:
+        # G, where a two-stream group has it, and the dense block's outputs give ‖WX‖² to float32 round-off
+        assert error == pytest.approx(slow, rel=1e-5, abs=1e-12)
+        assert 0.0 < error < 1.0
 
 
 class DropInTransformer(pl.LightningModule):

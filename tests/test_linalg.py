@@ -12,8 +12,10 @@ from prehab.linalg import (
     output_error,
     output_error_and_energy,
     rank_from_ratio,
+    ridge_shift,
     ridge_statistics,
     solve_lowrank,
+    solver_output_error,
     truncated_svd,
 )
 
@@ -95,6 +97,40 @@ def test_covariance_error_from_factors_matches_activations():
     given = output_error_and_energy(w, (up, down), None, *two_stream[1:], dense=123.0)
     assert given[1] == 123.0
     assert given[0] == pytest.approx(_objective(w, up @ down, x, x_hat) - float((w @ x).square().sum()) + 123.0)
+
+
+@pytest.mark.parametrize("ridge", [0.0, 0.05])
+@pytest.mark.parametrize("samples", [40, 3], ids=["full-rank", "singular-damped"])
+@pytest.mark.parametrize("rank", [1, 3, 5])
+def test_solver_output_error_matches_activations(samples, rank, ridge):
+    """The report's error from the solver's spectrum (no ``out x in x in`` product) equals ``‖WX − W'X̂‖²``
+    computed from the activations, for SVD-LLM (one stream; damping shifts its cross term too) and AA-SVD (two
+    streams, cross term ``C``), with and without damping (3 samples of 8 features: singular covariances) and a
+    ridge (the solver then reads shifted covariances; the error is still measured on the activations)."""
+    w, x, x_hat = _problem(n=samples)
+    dense = float((w @ x).square().sum())
+    one_stats = ridge_statistics({"G": x @ x.T}, ridge)
+    two_stats = ridge_statistics({"H": x_hat @ x_hat.T, "C": x @ x_hat.T}, ridge)
+    one_shift, two_shift = ridge_shift({"G": x @ x.T}, ridge), ridge_shift({"H": x_hat @ x_hat.T}, ridge)
+    assert (one_shift > 0) == (two_shift > 0) == (ridge > 0)
+    one = solve_lowrank(w, rank, whitening=one_stats["G"])
+    two = solve_lowrank(w, rank, whitening=two_stats["H"], cross=two_stats["C"])
+    assert (one.damping > 0) == (two.damping > 0) == (samples < 8 and ridge == 0)  # the damped terms are exercised
+    assert one.cross_shift == one.damping and two.cross_shift == 0.0
+    error, energy = solver_output_error(w, one, shift=one_shift)
+    assert energy == pytest.approx(dense, rel=1e-10)
+    assert error == pytest.approx(_objective(w, one.up @ one.down, x, x), rel=1e-8, abs=1e-10 * dense)
+    error, energy = solver_output_error(w, two, dense=dense, shift=two_shift)
+    assert energy == dense
+    assert error == pytest.approx(_objective(w, two.up @ two.down, x, x_hat), rel=1e-8, abs=1e-10 * dense)
+
+
+def test_solver_output_error_needs_a_whitened_solve():
+    w, x, x_hat = _problem()
+    with pytest.raises(ValueError, match="needs factors from solve_lowrank with a whitening covariance"):
+        solver_output_error(w, solve_lowrank(w, 3))
+    with pytest.raises(ValueError, match=r"pass dense \(‖WX‖²\) for factors solved with a cross term"):
+        solver_output_error(w, solve_lowrank(w, 3, whitening=x_hat @ x_hat.T, cross=x @ x_hat.T))
 
 
 @pytest.mark.parametrize("shape", [(8, 6), (6, 8)])
