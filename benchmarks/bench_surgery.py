@@ -35,10 +35,15 @@ def _timed(fn, repeats: int = 1) -> float:
 
 
 def bench_solver(shapes: list[tuple[int, int]], ratio: float, repeats: int) -> list[str]:
+    """The SVD-LLM solve against a float32 SVD of the weight, with the solver's products tiled (``W L`` skipping
+    L's zeros, the Gram matrix on its upper tiles: this machine's default) and as one product each."""
+    from prehab import linalg  # here: older versions, run for comparison, have no SOLVER_TILE_WIDTH
+
+    tiled = hasattr(linalg, "SOLVER_TILE_WIDTH")
     rows = [
         "| layer (out x in) | rank | torch.linalg.svd fp32 (s) | SVD-LLM solve, fp64 (s) | ratio "
-        "| plain SVD solve (s) |",
-        "|---|---|---|---|---|---|",
+        "| solve, one product each (s) | tiles / one product | plain SVD solve (s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for out_features, in_features in shapes:
         g = torch.Generator().manual_seed(0)
@@ -49,12 +54,28 @@ def bench_solver(shapes: list[tuple[int, int]], ratio: float, repeats: int) -> l
         rank = rank_from_ratio(out_features, in_features, ratio)
         t_svd = _timed(lambda w=weight: torch.linalg.svd(w, full_matrices=False), repeats)
         t_solve = _timed(lambda w=weight, r=rank, h=covariance: solve_lowrank(w, r, whitening=h), repeats)
+        t_single = float("nan")
+        if tiled:
+            with _solver_tiles(0):
+                t_single = _timed(lambda w=weight, r=rank, h=covariance: solve_lowrank(w, r, whitening=h), repeats)
         t_plain = _timed(lambda w=weight, r=rank: solve_lowrank(w, r), repeats)
         rows.append(
             f"| {out_features}x{in_features} | {rank} | {t_svd:.2f} | {t_solve:.2f} | {t_solve / t_svd:.2f}x "
-            f"| {t_plain:.2f} |"
+            f"| {t_single:.2f} | {t_solve / t_single:.2f}x | {t_plain:.2f} |"
         )
     return rows
+
+
+@contextlib.contextmanager
+def _solver_tiles(width: int):
+    from prehab import linalg
+
+    previous = linalg.SOLVER_TILE_WIDTH.get("cpu", 0)
+    linalg.SOLVER_TILE_WIDTH["cpu"] = width
+    try:
+        yield
+    finally:
+        linalg.SOLVER_TILE_WIDTH["cpu"] = previous
 
 
 def bench_calibration(hidden: int, layers: int, batches: int, batch_size: int, seq_len: int) -> list[str]:

@@ -9,8 +9,11 @@ BENCH = Path(__file__).parent.parent / "benchmarks" / "bench_surgery.py"
 
 def test_smoke_mode_statistics_and_report_error(capsys):
     main = runpy.run_path(str(BENCH))["main"]
-    main(["--smoke", "--only", "statistics", "error", "block", "aces"])
+    main(["--smoke", "--only", "solver", "statistics", "error", "block", "aces"])
     printed = capsys.readouterr().out
+    s, x = r"[\d.]+", r"[\d.]+x"  # seconds, ratio
+    solver = re.findall(rf"^\| (\d+x\d+) \| \d+ \| {s} \| {s} \| {x} \| {s} \| {x} \| {s} \|$", printed, re.M)
+    assert solver == ["64x256", "256x256"]  # the solve with the solver's tiles and with one product each
     statistics = [line for line in printed.splitlines() if re.match(r"\| xᵀ[xy] \| (32|96) \| 16 \|", line)]
     assert len(statistics) == 4
     errors = re.findall(r"\| (\d+)x(\d+) \| \d+ \|.*\| ([\d.]+) / ([\d.]+) / ([\d.]+) \|", printed)

@@ -5,10 +5,13 @@ import math
 import pytest
 import torch
 
+from prehab import linalg
 from prehab.linalg import (
     all_finite,
     damped_cholesky,
     factor_params,
+    gram,
+    lower_triangular_product,
     output_error,
     output_error_and_energy,
     rank_from_ratio,
@@ -65,6 +68,37 @@ def test_anchored_solver_reaches_theorem_minimum(rank, seed):
         assert _objective(w, cand, x, x_hat) >= minimum
         nudged = (f.up + 1e-3 * torch.randn(f.up.shape, generator=g, dtype=torch.float64)) @ f.down
         assert _objective(w, nudged, x, x_hat) >= minimum * (1 - 1e-12)
+
+
+@pytest.mark.parametrize("width", [0, 2, 3])
+@pytest.mark.parametrize("columns", [6, 7])
+def test_tiled_solver_products_match_one_product(width, columns, monkeypatch):
+    """The solver's tiled products (``W L`` skipping L's zeros, ``AᵀA`` on its upper tiles) against one plain
+    product, with tiles of 2-3 columns (uneven at 7); the zeros above L's diagonal tiles are NaN here, so reading
+    one would show. Width 0: one product."""
+    monkeypatch.setitem(linalg.SOLVER_TILE_WIDTH, "cpu", width)
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(5, columns, generator=g, dtype=torch.float64)
+    lower = torch.tril(torch.randn(columns, columns, generator=g, dtype=torch.float64))
+    tiles = linalg._tiles(columns, torch.device("cpu"))
+    poisoned = lower.clone()
+    for start, stop in tiles:
+        poisoned[:start, start:stop] = float("nan")  # the zeros above each diagonal tile are skipped, not read
+    torch.testing.assert_close(lower_triangular_product(a, poisoned), a @ lower, rtol=1e-14, atol=1e-14)
+    product = gram(a)
+    torch.testing.assert_close(product, a.T @ a, rtol=1e-14, atol=1e-14)
+    assert torch.equal(product, product.T)
+    assert [edge for tile in tiles for edge in tile] == [0, *(e for _, e in tiles[:-1] for _ in (0, 1)), columns]
+    assert len(tiles) == (1 if not width or columns < 2 * width else -(-columns // width))
+
+
+def test_tiled_solver_gives_the_same_factors(monkeypatch):
+    w, x, x_hat = _problem()
+    plain = solve_lowrank(w, 3, whitening=x @ x.T)
+    monkeypatch.setitem(linalg.SOLVER_TILE_WIDTH, "cpu", 2)
+    tiled = solve_lowrank(w, 3, whitening=x @ x.T)
+    torch.testing.assert_close(tiled.up @ tiled.down, plain.up @ plain.down, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(tiled.singular_values, plain.singular_values, rtol=1e-12, atol=0)
 
 
 def test_covariance_error_formula_matches_activations():
