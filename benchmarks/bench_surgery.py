@@ -36,14 +36,15 @@ def _timed(fn, repeats: int = 1) -> float:
 
 def bench_solver(shapes: list[tuple[int, int]], ratio: float, repeats: int) -> list[str]:
     """The SVD-LLM solve against a float32 SVD of the weight, with the solver's products tiled (``W L`` skipping
-    L's zeros, the Gram matrix on its upper tiles: this machine's default) and as one product each."""
+    L's zeros, the Gram matrix on its upper tiles: this machine's default) and as one product each, the two
+    interleaved in each repeat (best of ``repeats``), and the largest difference of ``W'`` between them."""
     from prehab import linalg  # here: older versions, run for comparison, have no SOLVER_TILE_WIDTH
 
     tiled = hasattr(linalg, "SOLVER_TILE_WIDTH")
     rows = [
         "| layer (out x in) | rank | torch.linalg.svd fp32 (s) | SVD-LLM solve, fp64 (s) | ratio "
-        "| solve, one product each (s) | tiles / one product | plain SVD solve (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| solve, one product each (s) | tiles / one product | max rel. difference of W' | plain SVD solve (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for out_features, in_features in shapes:
         g = torch.Generator().manual_seed(0)
@@ -53,17 +54,28 @@ def bench_solver(shapes: list[tuple[int, int]], ratio: float, repeats: int) -> l
         covariance = (x.T.double() @ x.double()) / len(x)
         rank = rank_from_ratio(out_features, in_features, ratio)
         t_svd = _timed(lambda w=weight: torch.linalg.svd(w, full_matrices=False), repeats)
-        t_solve = _timed(lambda w=weight, r=rank, h=covariance: solve_lowrank(w, r, whitening=h), repeats)
-        t_single = float("nan")
+        solve = functools.partial(solve_lowrank, weight, rank, whitening=covariance)
+        t_solve = t_single = float("inf")
+        difference = float("nan")
+        for _ in range(repeats):
+            t_solve = min(t_solve, _timed(solve))
+            if tiled:
+                with _solver_tiles(0):
+                    t_single = min(t_single, _timed(solve))
         if tiled:
-            with _solver_tiles(0):
-                t_single = _timed(lambda w=weight, r=rank, h=covariance: solve_lowrank(w, r, whitening=h), repeats)
+            approx = [f.up @ f.down for f in (solve(), _untiled(solve))]
+            difference = float((approx[0] - approx[1]).abs().max() / approx[1].abs().max())
         t_plain = _timed(lambda w=weight, r=rank: solve_lowrank(w, r), repeats)
         rows.append(
             f"| {out_features}x{in_features} | {rank} | {t_svd:.2f} | {t_solve:.2f} | {t_solve / t_svd:.2f}x "
-            f"| {t_single:.2f} | {t_solve / t_single:.2f}x | {t_plain:.2f} |"
+            f"| {t_single:.2f} | {t_solve / t_single:.2f}x | {difference:.1e} | {t_plain:.2f} |"
         )
     return rows
+
+
+def _untiled(fn):
+    with _solver_tiles(0):
+        return fn()
 
 
 @contextlib.contextmanager
@@ -283,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     parts = args.only or ["solver", "calibration", "statistics", "error", "block", "aces"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     if "solver" in parts:
-        shapes = [(64, 256), (256, 256)] if args.smoke else [(768, 3072), (3072, 768), (4096, 4096)]
+        shapes = [(64, 256), (256, 256)] if args.smoke else [(768, 3072), (2048, 5504), (5504, 2048), (4096, 4096)]
         print("\n## Solver time per layer (float32 weight in, float64 factorization)\n")
         print("\n".join(bench_solver(shapes, 0.4, 1 if args.smoke else 2)))
     if "calibration" in parts:

@@ -12,7 +12,8 @@ def test_smoke_mode_statistics_and_report_error(capsys):
     main(["--smoke", "--only", "solver", "statistics", "error", "block", "aces"])
     printed = capsys.readouterr().out
     s, x = r"[\d.]+", r"[\d.]+x"  # seconds, ratio
-    solver = re.findall(rf"^\| (\d+x\d+) \| \d+ \| {s} \| {s} \| {x} \| {s} \| {x} \| {s} \|$", printed, re.M)
+    solver = re.findall(rf"^\| (\d+x\d+) \| \d+ \| {s} \| {s} \| {x} \| {s} \| {x} \| [\d.e+-]+ \| {s} \|$",
+                        printed, re.M)
     assert solver == ["64x256", "256x256"]  # the solve with the solver's tiles and with one product each
     statistics = [line for line in printed.splitlines() if re.match(r"\| xᵀ[xy] \| (32|96) \| 16 \|", line)]
     assert len(statistics) == 4
