@@ -339,7 +339,7 @@ def solve_lowrank(
     down = torch.linalg.solve_triangular(lower.mT, vh.mT * root, upper=True).mT
     return LowRankFactors(
         u * root, down, s, chol.damping, chol.relative_damping, chol.singular,
-        whitening=whitening, cross=cross, target_energy=float(target.square().sum()),
+        whitening=whitening, cross=cross, target_energy=float(torch.linalg.vector_norm(target)) ** 2,
         cross_shift=chol.damping if cross is None else 0.0,
     )
 
@@ -430,7 +430,7 @@ def solver_output_error(
     up, down = (f.to(torch.float64) for f in (factors.up, factors.down))
     cross_shift, whitening_shift = factors.cross_shift + shift, factors.damping + shift
     if dense is None:
-        dense = factors.target_energy - (whitening_shift * float(w.square().sum()) if whitening_shift else 0.0)
+        dense = factors.target_energy - whitening_shift * float(torch.linalg.vector_norm(w)) ** 2
     error = dense - float(factors.singular_values.to(torch.float64).square().sum())
     if cross_shift:
         error += 2.0 * cross_shift * float(((w @ down.mT) * up).sum())  # ⟨W, up down⟩
