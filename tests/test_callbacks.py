@@ -95,12 +95,14 @@ def test_svd_llm_beats_plain_svd_on_calibration_data(kind):
 
 
 @pytest.mark.parametrize(
-    ("method", "spectrum_route"),
-    [(SVDLLM(ratio=0.5), True), (SVDLLM(ratio=0.5, ridge=0.1), True), (AASVD(ratio=0.5), True),
-     (AASVD(ratio=0.5, ridge=0.0), True), (SAESSVD(ratio=0.5), False), (SVDLLM(ratio=0.5, propagate=True), False)],
+    ("method", "options", "spectrum_route"),
+    [(SVDLLM, {}, True), (SVDLLM, {"ridge": 0.1}, True), (AASVD, {}, True), (AASVD, {"ridge": 0.0}, True),
+     (SAESSVD, {}, False), (SVDLLM, {"propagate": True}, False)],
     ids=["svd_llm", "svd_llm-ridge", "aa_svd-ridge", "aa_svd", "saes_svd", "svd_llm-propagate"],
 )
-def test_report_error_from_the_solver_spectrum_matches_the_covariance_formula(method, spectrum_route, monkeypatch):
+def test_report_error_from_the_solver_spectrum_matches_the_covariance_formula(
+    method, options, spectrum_route, monkeypatch
+):
     """Where the solver factored the report's statistics (SVD-LLM on G, AA-SVD on H and C, each with or without a
     ridge), the report's error comes from the solver's spectrum instead of the ``out x in x in`` covariance
     formula; it must equal that formula on every layer. SAES-SVD's mixed cross term and SVD-LLM's propagated
@@ -124,8 +126,7 @@ def test_report_error_from_the_solver_spectrum_matches_the_covariance_formula(me
     monkeypatch.setattr(LowRankCompression, "_relative_error", both)
     module = TinyModule("llama")
     fast_trainer(max_steps=10).fit(module, train_dataloaders=loader_for("llama"))
-    method.calibration_batches = 2
-    method.compress(module, loader_for("llama", seed=1), progress=False)
+    method(ratio=0.5, calibration_batches=2, **options).compress(module, loader_for("llama", seed=1), progress=False)
     assert len(checked) == EXPECTED_TARGETS["llama"]
     assert len(spectrum_calls) == (len(checked) if spectrum_route else 0)
     for error, slow in checked:
