@@ -62,14 +62,18 @@ def all_finite(tensor: Tensor) -> bool:
 SOLVER_TILE_WIDTH: dict[str, int] = {"cpu": 512}
 
 
-def _tiles(n: int, device: torch.device) -> list[tuple[int, int]]:
-    """Equal column tiles ``[(start, stop), ...]`` of about the device's width over ``n`` columns; one tile when
-    there would be fewer than two."""
-    width = SOLVER_TILE_WIDTH.get(device.type, 0)
+def equal_tile_size(n: int, width: int) -> int:
+    """The size of equal tiles of about ``width`` over ``n`` columns (11008 by 512: 22 tiles of 501, not 21 of 512
+    and a sliver of 256); ``n`` (one tile) when ``width`` is 0 or there would be fewer than two full tiles (one
+    tile and a sliver was measured slower than one product)."""
     if not width or n < 2 * width:
-        return [(0, n)]
-    count = math.ceil(n / width)
-    size = math.ceil(n / count)
+        return n
+    return math.ceil(n / math.ceil(n / width))
+
+
+def _tiles(n: int, device: torch.device) -> list[tuple[int, int]]:
+    """Equal column tiles ``[(start, stop), ...]`` of about the device's solver width over ``n`` columns."""
+    size = equal_tile_size(n, SOLVER_TILE_WIDTH.get(device.type, 0))
     return [(start, min(start + size, n)) for start in range(0, n, size)]
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .linalg import all_finite
+from .linalg import all_finite, equal_tile_size
 
 __all__ = [
     "CovarianceCollector",
@@ -177,16 +177,14 @@ class RunningCovariance:
         b2 = None if b is None else token_rows(b.detach(), mask)
         if b2 is not None and b2.shape[0] != a2.shape[0]:
             raise ValueError(f"streams have {a2.shape[0]} and {b2.shape[0]} rows; they must be paired.")
-        block = TILE_WIDTH.get(a2.device.type, 0)
         width = max(self._sum.shape)
-        # two tiles at least: one full tile and a sliver (576 = 512 + 64) was measured slower than one product
-        if 0 < 2 * block <= width and self._sum.device == a2.device:
+        tile = equal_tile_size(width, TILE_WIDTH.get(a2.device.type, 0))
+        if tile < width and self._sum.device == a2.device:
             # the input bound only: tiles are added as they come, there is no whole product to check after
             peaks = [_peak(a2)] if b2 is None else [_peak(a2), _peak(b2)]
             if all(math.isfinite(p) and p <= _FLOAT32_MAX for p in peaks):
                 if a2.shape[0] * peaks[0] * peaks[-1] < _FLOAT32_SAFE:
-                    tiles = -(-width // block)
-                    self._add_tiles(a2, b2, -(-width // tiles))  # equal tiles: 11008 as 22 x ~501, not 21 x 512 + 256
+                    self._add_tiles(a2, b2, tile)
                     return
         # a buffer made in inference mode cannot be written outside it (and the reverse is refused too)
         key = (a2.shape[1], a2.shape[1] if b2 is None else b2.shape[1], a2.device, torch.is_inference_mode_enabled())

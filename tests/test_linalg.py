@@ -92,6 +92,18 @@ def test_tiled_solver_products_match_one_product(width, columns, monkeypatch):
     assert len(tiles) == (1 if not width or columns < 2 * width else -(-columns // width))
 
 
+@pytest.mark.parametrize(
+    ("columns", "width", "size"),
+    [(11008, 512, 501), (1024, 512, 512), (1023, 512, 1023), (1025, 512, 342), (7, 3, 3), (8, 3, 3), (6, 0, 6)],
+)
+def test_equal_tile_size(columns, width, size):
+    """Equal tiles no wider than asked, as few as that allows (11008 by 512: 22 of 501 rather than 21 of 512 and
+    256); fewer than two full tiles, or width 0, is one tile. The solver and the statistics share this rule."""
+    assert linalg.equal_tile_size(columns, width) == size
+    if size < columns:
+        assert size <= width and -(-columns // size) == -(-columns // width)
+
+
 def test_tiled_solver_gives_the_same_factors(monkeypatch):
     w, x, x_hat = _problem()
     plain = solve_lowrank(w, 3, whitening=x @ x.T)
