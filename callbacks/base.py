@@ -34,6 +34,7 @@ from prehab.linalg import (
     factor_params,
     output_error_and_energy,
     rank_from_ratio,
+    reused_cholesky,
     ridge_shift,
     ridge_statistics,
     solver_output_error,
@@ -637,16 +638,17 @@ class LowRankCompression(Callback):
             # once per group, not per layer: q/k/v share one statistic (an n x n copy each at 7B shapes)
             solver_stats = ridge_statistics(stats, self.ridge) if stats is not None else None
             replacements = {}
-            for name in names:
-                inputs = dense_weight(targets[name]).shape[1]
-                if stats is not None and 0 < samples < inputs:
-                    short_of_rows[name] = inputs  # read now: swapped-out layers may be offloaded later
-                layer_report, replacement = self._solve_one(
-                    name, targets[name], plan[name], stats, samples, solver_stats, (dense_energy or {}).get(name)
-                )
-                reports[name] = layer_report
-                if replacement is not None:
-                    replacements[name] = replacement
+            with reused_cholesky():  # the group's layers share their statistics: one Cholesky factor each
+                for name in names:
+                    inputs = dense_weight(targets[name]).shape[1]
+                    if stats is not None and 0 < samples < inputs:
+                        short_of_rows[name] = inputs  # read now: swapped-out layers may be offloaded later
+                    layer_report, replacement = self._solve_one(
+                        name, targets[name], plan[name], stats, samples, solver_stats, (dense_energy or {}).get(name)
+                    )
+                    reports[name] = layer_report
+                    if replacement is not None:
+                        replacements[name] = replacement
             timer["solve"] += time.perf_counter() - tick
             return replacements
 
@@ -734,8 +736,9 @@ class LowRankCompression(Callback):
                     for name in block_stats:  # the block checked before any of its layers is replaced
                         self._check_statistics([name], {"G": block_stats[name]})
                     solutions = {}
-                    for name, covariance in block_stats.items():
-                        solutions.update(solve_group([name], {"G": covariance}, count))
+                    with reused_cholesky():  # q/k/v (gate/up) share one G, one after another
+                        for name, covariance in block_stats.items():
+                            solutions.update(solve_group([name], {"G": covariance}, count))
                     for name, replacement in solutions.items():  # the dense layer leaves the device
                         store.put(name, replace_module(model, name, replacement))
                 for name in targets:
@@ -750,9 +753,10 @@ class LowRankCompression(Callback):
         else:
             solutions: dict[str, nn.Module] = {}
             bar = tqdm(targets, desc=f"{self.method}: factorizing", disable=not progress, unit="layer")
-            for name in bar:  # everything is solved before anything is swapped
-                layer_stats = stats.get(name) if stats else {}
-                solutions.update(solve_group([name], layer_stats, samples))
+            with reused_cholesky():  # q/k/v (gate/up) share one G, one after another
+                for name in bar:  # everything is solved before anything is swapped
+                    layer_stats = stats.get(name) if stats else {}
+                    solutions.update(solve_group([name], layer_stats, samples))
             for name, replacement in solutions.items():
                 replace_module(model, name, replacement)
 

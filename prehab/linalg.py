@@ -14,7 +14,11 @@ triangular Cholesky factor needs), and the minimum is ``‖WX‖² − ‖M‖²
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +33,8 @@ __all__ = [
     "LowRankFactors",
     "damped_cholesky",
     "damping_schedule",
+    "equal_tile_size",
+    "reused_cholesky",
     "ridge_shift",
     "ridge_statistics",
     "factor_params",
@@ -174,6 +180,26 @@ def damping_schedule(initial_damping: float, max_damping: float, growth: float) 
     return schedule
 
 
+# (id, version, arguments) of the last covariance -> (a weak reference to it, its factor), inside reused_cholesky
+_CHOLESKY_CACHE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("prehab_cholesky_cache", default=None)
+
+
+@contextlib.contextmanager
+def reused_cholesky() -> Iterator[None]:
+    """Inside, :func:`damped_cholesky` of the covariance it factored last (the same tensor, not modified since,
+    same arguments) returns that factor again: q/k/v and gate/up share one input covariance, solved one after
+    another, which then is factored once per group instead of once per layer. One factor is kept, until the
+    next covariance or the outermost exit (an inner ``reused_cholesky`` shares the outer one's)."""
+    if _CHOLESKY_CACHE.get() is not None:
+        yield
+        return
+    token = _CHOLESKY_CACHE.set({})
+    try:
+        yield
+    finally:
+        _CHOLESKY_CACHE.reset(token)
+
+
 def damped_cholesky(
     matrix: Tensor,
     initial_damping: float = 1e-6,
@@ -200,6 +226,25 @@ def damped_cholesky(
             ``max_damping`` works.
     """
     _check_damping_args(initial_damping, max_damping, growth, min_pivot)
+    cache = _CHOLESKY_CACHE.get()
+    if cache is None:
+        return _damped_cholesky(matrix, initial_damping, max_damping, growth, min_pivot)
+    # The latest factor only (layers sharing a covariance come one after another): memory of one factor. A weak
+    # reference, so that a temporary (a covariance moved to the weight's device) is not kept alive by the cache.
+    key = (id(matrix), matrix._version, initial_damping, max_damping, growth, min_pivot)
+    entry = cache.get(key)
+    if entry is None or entry[0]() is not matrix:
+        cache.clear()  # the previous factor goes before the next one is made
+        entry = cache[key] = (
+            weakref.ref(matrix),
+            _damped_cholesky(matrix, initial_damping, max_damping, growth, min_pivot),
+        )
+    return entry[1]
+
+
+def _damped_cholesky(
+    matrix: Tensor, initial_damping: float, max_damping: float, growth: float, min_pivot: float
+) -> CholeskyResult:
     matrix = matrix.to(torch.float64)
     n = matrix.shape[-1]
     if not all_finite(matrix):
@@ -498,7 +543,7 @@ def aces_beta(
     chol = cholesky or damped_cholesky(whitening)
     lower = chol.factor.to(w.device)
     h = whitening.to(device=w.device, dtype=torch.float64)
-    s = w @ lower
+    s = lower_triangular_product(w, lower)
     difference = w @ (cross.to(device=w.device, dtype=torch.float64) - h)
     d = torch.linalg.solve_triangular(lower, difference.mT, upper=False).mT  # W (C − H) L⁻ᵀ
     u, _, vh = truncated_svd(s, rank)

@@ -135,6 +135,45 @@ def test_report_error_from_the_solver_spectrum_matches_the_covariance_formula(
         assert 0.0 < error < 1.0
 
 
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [
+        (SVDLLM, {}),  # one stream, every layer's G collected at once
+        (SVDLLM, {"statistics_budget_gb": 0.0}),  # one stream, block by block
+        (AASVD, {}),  # two streams, H and C with the default ridge
+        (SAESSVD, {}),  # two streams, ACES's β search and the solve from one factor
+    ],
+)
+def test_layers_sharing_statistics_share_one_cholesky_factor(method, options, monkeypatch):
+    """q/k/v and gate/up read one input: its covariance is factored once per group (4 factors per Llama block,
+    not 7), and the compressed model is the very one that factoring per layer gives."""
+    import contextlib
+
+    import prehab.callbacks.base as base
+    from prehab import linalg
+
+    factored = []
+    uncached = linalg._damped_cholesky
+    monkeypatch.setattr(linalg, "_damped_cholesky", lambda *a: factored.append(1) or uncached(*a))
+    module = TinyModule("llama")
+    fast_trainer(max_steps=10).fit(module, train_dataloaders=loader_for("llama"))
+    results = []
+    for reuse in (True, False):
+        if not reuse:
+            monkeypatch.setattr(base, "reused_cholesky", contextlib.nullcontext)
+        factored.clear()
+        compressed = copy.deepcopy(module)
+        method(ratio=0.5, calibration_batches=2, plots=False, **options).compress(
+            compressed, loader_for("llama", seed=1), progress=False
+        )
+        results.append((len(factored), compressed.state_dict()))
+    (with_reuse, reused), (per_layer, separate) = results
+    assert (with_reuse, per_layer) == (4 * 2, EXPECTED_TARGETS["llama"])
+    assert reused.keys() == separate.keys()
+    for key in reused:
+        assert torch.equal(reused[key], separate[key]), key
+
+
 class DropInTransformer(pl.LightningModule):
     """A user's own small transformer classifier: no Hugging Face, no prehab."""
 

@@ -1,6 +1,7 @@
 """The solver against its theorem, on small float64 problems (references computed independently)."""
 
 import math
+import weakref
 
 import pytest
 import torch
@@ -102,6 +103,31 @@ def test_equal_tile_size(columns, width, size):
     assert linalg.equal_tile_size(columns, width) == size
     if size < columns:
         assert size <= width and -(-columns // size) == -(-columns // width)
+
+
+def test_reused_cholesky_returns_the_last_factor_while_its_covariance_is_unchanged():
+    x = torch.randn(6, 20, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    h, other = x @ x.T, x[:, :10] @ x[:, :10].T
+    assert damped_cholesky(h) is not damped_cholesky(h)  # outside: factored at every call
+    with linalg.reused_cholesky():
+        first = damped_cholesky(h)
+        with linalg.reused_cholesky():  # an inner context shares the outer one's factor
+            assert damped_cholesky(h) is first
+        assert damped_cholesky(h, initial_damping=1e-3) is not first  # other arguments: factored again
+        first = damped_cholesky(h)
+        assert damped_cholesky(h.clone()) is not first  # another tensor with the same values
+        kept = damped_cholesky(other)
+        assert damped_cholesky(other) is kept and damped_cholesky(h) is not first  # only the last one is kept
+        h.mul_(2.0)  # modified in place: its factor is stale
+        scaled = damped_cholesky(h)
+        torch.testing.assert_close(scaled.factor, torch.linalg.cholesky(h), rtol=1e-12, atol=0)
+        temporary = h.to(torch.float32)
+        alive = weakref.ref(temporary)
+        damped_cholesky(temporary)
+        del temporary
+        assert alive() is None  # the cache does not keep a covariance alive
+    with linalg.reused_cholesky():
+        assert damped_cholesky(h) is not scaled  # nothing survives the context
 
 
 def test_tiled_solver_gives_the_same_factors(monkeypatch):
