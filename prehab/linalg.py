@@ -250,14 +250,19 @@ def _damped_cholesky(
     if not all_finite(matrix):
         raise ValueError("covariance has NaN or Inf entries; cannot factor it.")
     scale = float(torch.diagonal(matrix).sum()) / n
-    eye = torch.eye(n, dtype=torch.float64, device=matrix.device)
     if scale <= 0.0:  # all-zero inputs: any whitening is optimal, take the identity
+        eye = torch.eye(n, dtype=torch.float64, device=matrix.device)
         return CholeskyResult(eye, damping=1.0, relative_damping=float("inf"), singular=True)
     schedule = damping_schedule(initial_damping, max_damping, growth)
+    shifted = None
     for relative in schedule:
-        factor, info = torch.linalg.cholesky_ex(matrix + (relative * scale) * eye if relative else matrix)
+        if relative:  # the damped matrix in one buffer for every try: no n x n identity, no second sum
+            shifted = matrix.clone() if shifted is None else shifted.copy_(matrix)
+            shifted.diagonal().add_(relative * scale)
+        factor, info = torch.linalg.cholesky_ex(shifted if relative else matrix)
         if int(info) == 0 and float(torch.diagonal(factor).min()) ** 2 >= min_pivot * scale:
             return CholeskyResult(factor, relative * scale, relative, singular=relative > 0.0)
+        del factor  # a failed try's factor goes before the next one is made
     raise ValueError(
         f"covariance is not positive definite even with damping {schedule[-1]:g} x trace/n; "
         "the calibration inputs are degenerate (check for constant or all-zero activations)."
