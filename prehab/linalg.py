@@ -227,7 +227,7 @@ def damped_cholesky(
     """
     _check_damping_args(initial_damping, max_damping, growth, min_pivot)
     cache = _CHOLESKY_CACHE.get()
-    if cache is None:
+    if cache is None or matrix.is_inference():  # an inference tensor has no version counter to tell a change by
         return _damped_cholesky(matrix, initial_damping, max_damping, growth, min_pivot)
     # The latest factor only (layers sharing a covariance come one after another): memory of one factor. A weak
     # reference, so that a temporary (a covariance moved to the weight's device) is not kept alive by the cache.

@@ -128,6 +128,10 @@ def test_reused_cholesky_returns_the_last_factor_while_its_covariance_is_unchang
         assert alive() is None  # the cache does not keep a covariance alive
     with linalg.reused_cholesky():
         assert damped_cholesky(h) is not scaled  # nothing survives the context
+    with torch.inference_mode():
+        frozen = h.clone()
+    with linalg.reused_cholesky():  # no version counter to tell an in-place change by: factored at every call
+        assert damped_cholesky(frozen) is not damped_cholesky(frozen)
 
 
 def test_tiled_solver_gives_the_same_factors(monkeypatch):
