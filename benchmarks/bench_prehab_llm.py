@@ -443,7 +443,7 @@ class Benchmark:
         """The ``ridge`` argument of the two-stream solvers, chosen on the base model at 0.2: ``--ridges`` scored on
         held-out WikiText-2 valid (draw 0); the best one (lowest held-out perplexity) then on the test splits for
         each of ``--ridge-models`` at ``--ridge-ratios`` over ``--draws`` draws, and on the base model at 0.2 with
-        each of ``--ridge-sizes`` calibration windows (draw 0)."""
+        each of ``--ridge-sizes`` calibration windows (draws ``--first-draw`` to ``--ridge-size-draws`` − 1)."""
         names = self.seed_models() if set(self.args.ridge_models) - {"base"} else {"base": "base"}
         for method in self.args.ridge_methods:
             for ridge in self.args.ridges:
@@ -456,8 +456,9 @@ class Benchmark:
             for draw in range(self.args.first_draw, self.args.draws):
                 for label in self.args.ridge_models:
                     self.surgery_rows(names[label], method, self.args.ridge_ratios, draw, stage="ridge", ridge=best)
-            for samples in self.args.ridge_sizes:
-                self.surgery_rows("base", method, [0.2], 0, samples=samples, stage="ridge", ridge=best)
+            for draw in range(self.args.first_draw, self.args.ridge_size_draws):
+                for samples in self.args.ridge_sizes:
+                    self.surgery_rows("base", method, [0.2], draw, samples=samples, stage="ridge", ridge=best)
 
     def calibration_sizes(self) -> None:
         for samples in self.args.calibration_sizes:
@@ -799,7 +800,7 @@ def smoke_setup(args: argparse.Namespace) -> dict[str, Any]:
     args.candidates = args.candidates[:1]
     args.ratios, args.two_stream_ratios, args.sweep_ratios, args.rehab_ratios = [0.2, 0.4], [0.4], [0.4], [0.4]
     args.calibration_sizes = args.diagnose_sizes = [2, 4]
-    args.ridge_sizes = [4]
+    args.ridge_sizes = [2]  # not the 4 windows of the other rows: their own keys
     args.diagnose_windows = 2
     args.zeroshot_limit = 4
     return settings
@@ -854,7 +855,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ridge-ratios", type=float, nargs="+", default=[0.2],
                         help="ratios of the ridge stage's test rows")
     parser.add_argument("--ridge-sizes", type=int, nargs="*", default=[128],
-                        help="calibration windows of the ridge stage's extra test rows (draw 0)")
+                        help="calibration windows of the ridge stage's extra test rows")
+    parser.add_argument("--ridge-size-draws", type=int, default=1,
+                        help="the --ridge-sizes rows run on draws --first-draw .. this - 1 (default: draw 0)")
     parser.add_argument("--diagnose-sizes", type=int, nargs="+", default=[32, 128],
                         help="calibration windows of the diagnose stage")
     parser.add_argument("--diagnose-methods", nargs="+", default=["aa_svd", "svd_llm"], choices=METHODS)
@@ -888,6 +891,8 @@ def main(argv: list[str] | None = None) -> None:
                          "parameters removed in (0, 1), e.g. 0.2 0.4.")
     if args.rehab_draws < 1:
         parser.error(f"--rehab-draws {args.rehab_draws} is invalid: use a number of calibration draws >= 1.")
+    if args.ridge_size_draws < 1:
+        parser.error(f"--ridge-size-draws {args.ridge_size_draws} is invalid: use a number of calibration draws >= 1.")
     if args.diagnose_windows < 1:
         parser.error(f"--diagnose-windows {args.diagnose_windows} is invalid: use a window count >= 1.")
     out = Path(args.out)

@@ -65,6 +65,8 @@ def test_smoke_runs_every_stage_and_saved_models_reproduce_the_table(tmp_path, o
             "aa_svd",
             "--rehab-ridges",
             "aa_svd:0.1",
+            "--ridge-size-draws",
+            "2",
         ]
     )
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
@@ -80,6 +82,9 @@ def test_smoke_runs_every_stage_and_saved_models_reproduce_the_table(tmp_path, o
     assert set(rehab) == {(m, x) for m in ("base", "control", chosen) for x in ("svd_llm", "aa_svd+ridge")}
     assert all(r.get("ridge", 0.0) == (0.1 if r["method"] == "aa_svd+ridge" else 0.0) for r in rehab.values())
     assert ridges_used == [0.1] * 3 and (out / "models" / "base" / "aa_svd+ridge-0.4-rehab").is_dir()
+    # --ridge-sizes' rows (2 windows of 32 tokens in --smoke) on draws 0 and 1, with other windows each
+    sized = {r["draw"]: r for r in rows if r["stage"] == "ridge" and r["calibration_tokens"] == 2 * 32}
+    assert set(sized) == {0, 1} and sized[0]["wikitext2"] != sized[1]["wikitext2"]
 
     table = [r for r in rows if r["stage"] == "table"]
     # every model x method x ratio has one row per calibration draw, and the draws differ
@@ -152,6 +157,7 @@ def test_smoke_runs_every_stage_and_saved_models_reproduce_the_table(tmp_path, o
         tested = {(r["model"], r["ratio"], r["draw"], r["calibration_tokens"], r["ridge"]) for r in rows
                   if r["stage"] == "ridge" and r["method"] == method + "+ridge"}
         expected = {(m, ratio, d, 128, best) for m in ("base", chosen) for ratio in (0.2, 0.4) for d in (0, 1)}
+        expected |= {("base", 0.2, d, 64, best) for d in (0, 1)}  # --ridge-sizes 2 (smoke), --ridge-size-draws 2
         assert tested == (expected if best else set())
         if best:  # the ridge rows join the paired table: prehab / surgery alone, both with the chosen ridge
             ridged = {(r["model"], r["draw"]): r["ptb"] for r in rows
@@ -236,6 +242,7 @@ def test_a_new_out_without_a_sweep_fine_tunes_the_penalty_given_by_flag(tmp_path
     [
         (["--prehab", "tail:0:0.4"], "--prehab tail:0:0.4 is invalid: the prehab model needs a penalty"),
         (["--rehab-draws", "0"], "--rehab-draws 0 is invalid"),
+        (["--ridge-size-draws", "0"], "--ridge-size-draws 0 is invalid"),
         (["--rehab-models", "prehab-seed2"], "argument --rehab-models: invalid choice: 'prehab-seed2'"),
         (["--finetune-seed", "-1"], "--finetune-seed -1 is invalid: use 0"),
         (["--zeroshot-methods", "svd-llm"], "argument --zeroshot-methods: invalid choice: 'svd-llm'"),
