@@ -254,15 +254,18 @@ def _damped_cholesky(
         eye = torch.eye(n, dtype=torch.float64, device=matrix.device)
         return CholeskyResult(eye, damping=1.0, relative_damping=float("inf"), singular=True)
     schedule = damping_schedule(initial_damping, max_damping, growth)
-    shifted = None
+    # Every try is factored in place in one buffer: no n x n identity, no damped copy beside it, no factor beside
+    # that. LAPACK works in column-major order, and the upper factor of the buffer's transpose (the same symmetric
+    # matrix), written in column-major order, is the lower factor in the buffer's own row-major order.
+    buffer = torch.empty_like(matrix, memory_format=torch.contiguous_format)
+    info = torch.empty((), dtype=torch.int32, device=matrix.device)
     for relative in schedule:
-        if relative:  # the damped matrix in one buffer for every try: no n x n identity, no second sum
-            shifted = matrix.clone() if shifted is None else shifted.copy_(matrix)
-            shifted.diagonal().add_(relative * scale)
-        factor, info = torch.linalg.cholesky_ex(shifted if relative else matrix)
-        if int(info) == 0 and float(torch.diagonal(factor).min()) ** 2 >= min_pivot * scale:
-            return CholeskyResult(factor, relative * scale, relative, singular=relative > 0.0)
-        del factor  # a failed try's factor goes before the next one is made
+        buffer.copy_(matrix)
+        if relative:
+            buffer.diagonal().add_(relative * scale)
+        torch.linalg.cholesky_ex(buffer.mT, upper=True, out=(buffer.mT, info))
+        if int(info) == 0 and float(torch.diagonal(buffer).min()) ** 2 >= min_pivot * scale:
+            return CholeskyResult(buffer, relative * scale, relative, singular=relative > 0.0)
     raise ValueError(
         f"covariance is not positive definite even with damping {schedule[-1]:g} x trace/n; "
         "the calibration inputs are degenerate (check for constant or all-zero activations)."

@@ -267,12 +267,14 @@ def test_damped_cholesky_plain_and_singular():
     assert res.singular and res.damping > 0 and res.relative_damping >= 1e-6
     assert res.damping == pytest.approx(res.relative_damping * float(singular.trace()) / 8)
     torch.testing.assert_close(res.factor @ res.factor.T, singular + res.damping * torch.eye(8, dtype=torch.float64))
-    # The damped matrix is built in place of an identity: the same bits, and the covariance left as it was.
+    # Every try is factored in place in one buffer (through its transpose): the factor of the damped matrix, exact
+    # zeros above its diagonal, and the covariance left as it was.
     before = singular.clone()
     again = damped_cholesky(singular, min_pivot=1e-2)  # escalates: several tries in one buffer
     assert torch.equal(singular, before) and again.relative_damping >= 1e-4
     expected = torch.linalg.cholesky(singular + again.damping * torch.eye(8, dtype=torch.float64))
-    assert torch.equal(again.factor, expected)
+    torch.testing.assert_close(again.factor, expected, rtol=1e-12, atol=1e-14)
+    assert torch.equal(again.factor.triu(1), torch.zeros(8, 8, dtype=torch.float64)) and again.factor.is_contiguous()
     # The damped solve is still the optimum for the damped covariance, and finite.
     f = solve_lowrank(torch.randn(6, 8, dtype=torch.float64), 2, whitening=singular)
     assert f.singular and torch.isfinite(f.up @ f.down).all()
