@@ -466,8 +466,8 @@ def solver_output_error(
     over rank ``r`` is ``E − Σ_{i≤r} σ_i(M)²`` (AA-SVD, Theorem 3.1); ``F`` is the report's error plus
     ``E − ‖WX‖² − 2a ⟨W, W'⟩ + b ‖W'‖²``, so at the optimum the error is
     ``‖WX‖² − Σ_{i≤r} σ_i² + 2a ⟨W, W'⟩ − b ‖W'‖²``, with ``b`` = damping + ``shift`` and ``a`` =
-    ``factors.cross_shift`` + ``shift``. No ``out x in x in`` product: ``⟨W, W'⟩`` costs ``out x in x r`` (only
-    when ``a ≠ 0``), ``‖W'‖² = ⟨upᵀup, down downᵀ⟩`` costs ``r² (out + in)``.
+    ``factors.cross_shift`` + ``shift``. No ``out x in x in`` product: ``⟨W, W'⟩`` costs ``out x in x r`` with a
+    cross term and ``r x in`` without (only when ``a ≠ 0``), ``‖W'‖² = Σ σ_i ‖down_i‖²`` costs ``r x in``.
 
     Args:
         weight: ``W``, out x in.
@@ -490,10 +490,26 @@ def solver_output_error(
         dense = factors.target_energy - whitening_shift * float(torch.linalg.vector_norm(w)) ** 2
     error = dense - float(factors.singular_values.to(torch.float64).square().sum())
     if cross_shift:
-        error += 2.0 * cross_shift * float(((w @ down.mT) * up).sum())  # ⟨W, up down⟩
+        error += 2.0 * cross_shift * _inner_with_optimum(w, up, down, factors)
     if whitening_shift:
-        error -= whitening_shift * float(((up.mT @ up) * (down @ down.mT)).sum())  # ‖up down‖²
+        # ‖up down‖² = tr(downᵀ Σ_r down) (up = U_r Σ_r^½ with orthonormal U_r): r x in work, not r² (out + in)
+        error -= whitening_shift * _weighted_rows(factors.singular_values, down)
     return error, dense
+
+
+def _inner_with_optimum(w: Tensor, up: Tensor, down: Tensor, factors: LowRankFactors) -> float:
+    """``⟨W, W'⟩`` for the solver's ``W' = up down``. Without a cross term the target is ``M = W L`` and
+    ``W' = U_r Σ_r V_rᵀ L⁻¹``, so ``Wᵀ W' = L⁻ᵀ Mᵀ U_r Σ_r V_rᵀ L⁻¹ = L⁻ᵀ V_r Σ_r² V_rᵀ L⁻¹`` and the inner product
+    is ``Σ σ_i ‖L⁻ᵀ v_i‖² σ_i = Σ σ_i ‖down_i‖²`` (``downᵀ = L⁻ᵀ V_r Σ_r^½``): ``r x in`` work instead of the
+    ``out x in x r`` product a cross term needs."""
+    if factors.cross is None:
+        return _weighted_rows(factors.singular_values, down)
+    return float(((w @ down.mT) * up).sum())
+
+
+def _weighted_rows(singular_values: Tensor, down: Tensor) -> float:
+    """``Σ σ_i ‖down_i‖²``."""
+    return float((singular_values.to(torch.float64) * down.square().sum(dim=1)).sum())
 
 
 @dataclass

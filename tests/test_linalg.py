@@ -201,6 +201,27 @@ def test_solver_output_error_matches_activations(samples, rank, ridge):
     assert error == pytest.approx(_objective(w, two.up @ two.down, x, x_hat), rel=1e-8, abs=1e-10 * dense)
 
 
+@pytest.mark.parametrize("shape", [(6, 8), (8, 6)], ids=["wide", "tall"])
+@pytest.mark.parametrize("samples", [40, 3], ids=["full-rank", "singular-damped"])
+def test_inner_product_with_the_optimum_from_its_factors(shape, samples):
+    """Without a cross term ``⟨W, W'⟩ = Σ σ_i ‖down_i‖²`` (from ``W' = U_r Σ_r V_rᵀ L⁻¹`` and ``M = W L``), and
+    ``‖W'‖²`` is that sum with any cross term: equal to the direct products, on both sides of ``truncated_svd``'s
+    Gram route and with a damped ``L``."""
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(*shape, generator=g, dtype=torch.float64)
+    x = torch.randn(shape[1], samples, generator=g, dtype=torch.float64)
+    for rank in (1, 3, 5):
+        factors = solve_lowrank(w, rank, whitening=x @ x.T)
+        assert factors.cross is None and (factors.damping > 0) == (samples < shape[1])
+        direct = float((w * (factors.up @ factors.down)).sum())
+        assert linalg._inner_with_optimum(w, factors.up, factors.down, factors) == pytest.approx(direct, rel=1e-10)
+        # ‖W'‖² = Σ σ_i ‖down_i‖², with a cross term too (it needs only U_r's orthonormal columns)
+        anchored = solve_lowrank(w, rank, whitening=x @ x.T, cross=x @ (x + 0.1).T)
+        for f in (factors, anchored):
+            norm = float((f.up @ f.down).square().sum())
+            assert linalg._weighted_rows(f.singular_values, f.down) == pytest.approx(norm, rel=1e-10)
+
+
 def test_solver_output_error_needs_a_whitened_solve():
     w, x, x_hat = _problem()
     with pytest.raises(ValueError, match="needs factors from solve_lowrank with a whitening covariance"):
