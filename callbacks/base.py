@@ -638,7 +638,7 @@ class LowRankCompression(Callback):
             # once per group, not per layer: q/k/v share one statistic (an n x n copy each at 7B shapes)
             solver_stats = ridge_statistics(stats, self.ridge) if stats is not None else None
             replacements = {}
-            with reused_cholesky():  # the group's layers share their statistics: one Cholesky factor each
+            with reused_cholesky():  # the group's layers share their statistics: one Cholesky factor per group
                 for name in names:
                     inputs = dense_weight(targets[name]).shape[1]
                     if stats is not None and 0 < samples < inputs:
