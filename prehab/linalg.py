@@ -500,7 +500,7 @@ def solver_output_error(
 def _inner_with_optimum(w: Tensor, up: Tensor, down: Tensor, factors: LowRankFactors) -> float:
     """``⟨W, W'⟩`` for the solver's ``W' = up down``. Without a cross term the target is ``M = W L`` and
     ``W' = U_r Σ_r V_rᵀ L⁻¹``, so ``Wᵀ W' = L⁻ᵀ Mᵀ U_r Σ_r V_rᵀ L⁻¹ = L⁻ᵀ V_r Σ_r² V_rᵀ L⁻¹`` and the inner product
-    is ``Σ σ_i ‖L⁻ᵀ v_i‖² σ_i = Σ σ_i ‖down_i‖²`` (``downᵀ = L⁻ᵀ V_r Σ_r^½``): ``r x in`` work instead of the
+    is ``Σ σ_i² ‖L⁻ᵀ v_i‖² = Σ σ_i ‖down_i‖²`` (``downᵀ = L⁻ᵀ V_r Σ_r^½``): ``r x in`` work instead of the
     ``out x in x r`` product a cross term needs."""
     if factors.cross is None:
         return _weighted_rows(factors.singular_values, down)
