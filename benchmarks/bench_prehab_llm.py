@@ -22,8 +22,9 @@ resumes where it stopped (delete the file to start over):
    ``--rehab-ratios``, calibration draw 0, for every model.
 4. ``calibration``: SVD-LLM, AA-SVD and SAES-SVD (``--calibration-methods``) at 0.2 on the base model with
    ``--calibration-sizes`` windows, ``--draws`` calibration draws each.
-5. ``zeroshot``: zero-shot accuracy (``prehab.zeroshot``, lm-eval on the local GLUE tasks) of every saved draw-0
-   model (needs ``pip install 'prehab[zeroshot]'``).
+5. ``zeroshot``: zero-shot accuracy (``prehab.zeroshot``, lm-eval on the local tasks over GLUE files) of every
+   saved draw-0 model, and with ``--zeroshot-compress`` of the surgery-only ones that were not saved (needs
+   ``pip install 'prehab[zeroshot]'``).
 6. ``diagnose`` (not run by default): per-layer relative output errors of SVD-LLM / AA-SVD (``--diagnose-methods``)
    on the base model at 0.2 with ``--diagnose-sizes`` calibration windows, on the calibration data and on new text
    (WikiText-2 test, PTB test), and each factorized weight's norm against the original's.
@@ -237,6 +238,17 @@ class Benchmark:
         if key in self.rows:
             return
         label = method + ("+ridge" if ridge else "")
+        model, seconds, rehab_tokens = self.rehabbed(name, method, ratio, ridge, draw)
+        row = {"key": key, "stage": "rehab", "model": name, "method": label, "ratio": ratio, "draw": draw,
+               **({"ridge": ridge} if ridge else {}),
+               "params": sum(p.numel() for p in model.parameters()), "seconds": seconds,
+               "rehab_tokens": rehab_tokens, "wikitext2": self.ppl(model, self.test), "ptb": self.ppl(model, self.ptb)}
+        if self.args.save == "draw0" and draw == 0:
+            save_compressed(model, self.out / "models" / name / f"{label}-{ratio:g}-rehab")
+        self.rows.add(row)
+
+    def rehabbed(self, name: str, method: str, ratio: float, ridge: float, draw: int) -> tuple[Any, float, int]:
+        """Model ``name`` after surgery (calibration ``draw``) and LoRA rehab: (model, seconds, rehab tokens)."""
         rehab_args = dict(self.settings["rehab"])
         alpaca_args = dict(rehab_args.pop("datamodule")["init_args"])
         alpaca_args["dataset"] = str(Path(self.args.data) / "alpaca" / Path(alpaca_args["dataset"]).name)
@@ -253,15 +265,7 @@ class Benchmark:
         started = time.perf_counter()
         trainer.fit(module, train_dataloaders=loader)
         seconds = time.perf_counter() - started
-        model = module.model
-        row = {"key": key, "stage": "rehab", "model": name, "method": label, "ratio": ratio, "draw": draw,
-               **({"ridge": ridge} if ridge else {}),
-               "params": sum(p.numel() for p in model.parameters()), "seconds": seconds,
-               "rehab_tokens": len(rehab.order) * rehab.steps_per_factor * alpaca.batch_size * alpaca.cutoff_len,
-               "wikitext2": self.ppl(model, self.test), "ptb": self.ppl(model, self.ptb)}
-        if self.args.save == "draw0" and draw == 0:
-            save_compressed(model, self.out / "models" / name / f"{label}-{ratio:g}-rehab")
-        self.rows.add(row)
+        return module.model, seconds, len(rehab.order) * rehab.steps_per_factor * alpaca.batch_size * alpaca.cutoff_len
 
     # ------------------------------------------------------------------------------------------- stages
     def sweep(self) -> str:
@@ -343,37 +347,55 @@ class Benchmark:
                         self.rehab_row(names[label], method, ratio, self.args.rehab_ridges.get(method, 0.0), draw)
 
     def zeroshot(self) -> None:
-        """Zero-shot accuracy (lm-eval, local GLUE tasks) of every saved draw-0 model: dense, surgery, rehab."""
+        """Zero-shot accuracy (lm-eval, ``--zeroshot-tasks``) of every draw-0 model: dense, surgery, rehab.
+
+        A saved model is loaded; one that was not saved (``--save none``) is compressed (and rehab'd) again from
+        the same calibration windows and rehab data when ``--zeroshot-compress`` is given, else skipped. Such a row
+        says ``recompressed`` and carries a number to compare with its source row (surgery: the
+        ``mean_relative_error``; rehab: the WikiText-2 test perplexity)."""
         from prehab.lowrank import load_compressed
         from prehab.zeroshot import zero_shot
 
         names = self.seed_models()
-        for label in MODEL_ORDER:
+        for label in self.args.zeroshot_models:
             name = names[label]
-            folders = [("dense", 0.0, None)] + [
-                (r["method"] + ("+rehab" if r["stage"] == "rehab" else ""), r["ratio"], r["stage"])
+            folders = [("dense", 0.0, None, None)] + [
+                (r["method"] + ("+rehab" if r["stage"] == "rehab" else ""), r["ratio"], r["stage"], r)
                 for r in sorted(self.rows.select(model=name), key=lambda r: (r["method"], r["ratio"]))
                 if r["stage"] in ("table", "rehab") and r["draw"] == 0
             ]
-            for method, ratio, stage in folders:
+            for method, ratio, stage, source in folders:
                 key = f"zeroshot|{name}|{method}|{ratio:g}"
                 if key in self.rows or (self.args.zeroshot_methods and method not in self.args.zeroshot_methods):
                     continue
+                if stage is not None and self.args.zeroshot_ratios and ratio not in self.args.zeroshot_ratios:
+                    continue
+                extra: dict[str, Any] = {}
                 if stage is None:
                     model = self.load(name)
                 else:
                     suffix = "-rehab" if stage == "rehab" else ""
                     folder = self.out / "models" / name / f"{method.removesuffix('+rehab')}-{ratio:g}{suffix}"
-                    if not folder.is_dir():
+                    if folder.is_dir():
+                        model = load_compressed(folder)
+                    elif stage == "table" and self.args.zeroshot_compress:
+                        loader = self.calibration(0, source["calibration_tokens"] // self.seq_len)
+                        [(_, model, totals, _)] = compress_at_ratios(self.load(name), METHODS[method], [ratio], loader)
+                        extra = {"recompressed": True, "mean_relative_error": totals["mean_relative_error"]}
+                    elif stage == "rehab" and self.args.zeroshot_compress:
+                        base_method = source["method"].removesuffix("+ridge")
+                        model = self.rehabbed(name, base_method, ratio, source.get("ridge", 0.0), 0)[0]
+                        extra = {"recompressed": True, "wikitext2": self.ppl(model, self.test)}
+                    else:
                         continue
-                    model = load_compressed(folder)
                 started = time.perf_counter()
                 scores = zero_shot(model, self.tokenizer, self.args.zeroshot_tasks, limit=self.args.zeroshot_limit,
                                    batch_size=self.batch_size * 4, data_dir=self.args.data)
                 self.rows.add({"key": key, "stage": "zeroshot", "model": name, "method": method, "ratio": ratio,
                                "draw": 0, "params": sum(p.numel() for p in model.parameters()),
-                               "seconds": time.perf_counter() - started,
-                               **{f"{task}/acc": values["acc"] for task, values in scores.items()}})
+                               "seconds": time.perf_counter() - started, **extra,
+                               **{f"{task}/{metric}": values[metric] for task, values in scores.items()
+                                  for metric in ("acc", "acc_norm") if metric in values}})
 
     def diagnose(self) -> None:
         """Per-layer errors of the base model's compression at ``--diagnose-sizes`` (draw 0, ratio 0.2): on the
@@ -537,7 +559,7 @@ def write_report(out: Path) -> None:
     lines += paired_lines(all_rows, prehab)
     zeroshot = [r for r in all_rows if r["stage"] == "zeroshot"]
     if zeroshot:
-        tasks = sorted({k for r in zeroshot for k in r if k.endswith("/acc")})
+        tasks = sorted({k for r in zeroshot for k in r if k.endswith(("/acc", "/acc_norm"))})
         lines += ["## Zero-shot accuracy (lm-eval, calibration draw 0)", "",
                   "| model | method | ratio | " + " | ".join(tasks) + " |", "|---" * (3 + len(tasks)) + "|"]
         for r in sorted(zeroshot, key=lambda r: (r["ratio"], r["method"], r["model"])):
@@ -866,7 +888,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heldout-windows", type=int, default=16, help="last valid windows kept for the sweep")
     parser.add_argument("--aa-all", action="store_true", help="AA-SVD on every model, not only base")
     parser.add_argument("--save", choices=["draw0", "none"], default="draw0")
-    parser.add_argument("--zeroshot-tasks", nargs="+", default=["prehab_rte", "prehab_sst2"])
+    parser.add_argument("--zeroshot-tasks", nargs="+", default=["prehab_mrpc_completion", "prehab_rte", "prehab_sst2"])
+    parser.add_argument("--zeroshot-compress", action="store_true",
+                        help="compress (and rehab) the draw-0 models that were not saved again, instead of skipping "
+                             "them (the same calibration windows and rehab data as their rows)")
+    parser.add_argument("--zeroshot-models", nargs="+", choices=MODEL_ORDER, default=list(MODEL_ORDER),
+                        help="score these models' rows (default: all)")
+    parser.add_argument("--zeroshot-ratios", nargs="+", type=float, help="only the compressed rows at these ratios")
     parser.add_argument("--zeroshot-methods", nargs="+",
                         choices=["dense", *METHODS, *(f"{m}{r}+rehab" for m in METHODS for r in ("", "+ridge"))],
                         help="only these rows, e.g. dense svd_llm+rehab saes_svd+rehab (default: every saved model)")

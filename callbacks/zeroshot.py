@@ -36,9 +36,9 @@ class ZeroShotEval(Callback):
     to the other DDP ranks (which wait: keep ``limit`` small enough to finish within the process-group timeout).
 
     Args:
-        tasks: task names: the offline ``prehab_rte`` / ``prehab_sst2`` (GLUE dev sets under ``data_dir``) and
-            any lm-eval task by its lm-eval name (``piqa``, ``arc_easy``, ``hellaswag``, ``winogrande``, ...;
-            their data comes from the Hugging Face Hub).
+        tasks: task names: the offline ``prehab_mrpc_completion`` / ``prehab_rte`` / ``prehab_sst2`` (GLUE dev
+            sets under ``data_dir``) and any lm-eval task by its lm-eval name (``piqa``, ``arc_easy``,
+            ``hellaswag``, ``winogrande``, ...; their data comes from the Hugging Face Hub).
         limit: examples per task (the first ones): None for all, an integer >= 1, or a fraction in (0, 1).
         batch_size: examples per forward pass, or ``"auto"``.
         num_fewshot: examples from each task's training split put before every question (0: zero-shot).

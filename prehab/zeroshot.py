@@ -12,8 +12,11 @@ Tasks:
 
 - the local tasks shipped with prehab (:data:`LOCAL_TASKS`), which read files under ``data_dir`` and work
   offline: ``prehab_rte`` (GLUE RTE dev: does the premise entail the hypothesis, "True"/"False") and
-  ``prehab_sst2`` (GLUE SST-2 dev: "negative"/"positive"), over ``<data_dir>/glue/<TASK>/dev.tsv`` (the
-  ``download_glue_data.py`` layout; ``train.tsv`` next to it gives the few-shot examples when ``num_fewshot > 0``);
+  ``prehab_sst2`` (GLUE SST-2 dev: "negative"/"positive"), and ``prehab_mrpc_completion`` (HellaSwag-style: the
+  first half of a news sentence from GLUE MRPC dev, its own second half among four; ``acc`` and ``acc_norm``;
+  unlike RTE and SST-2, models of SmolLM2's size score well above chance on it), over
+  ``<data_dir>/glue/<TASK>/dev.tsv`` (the ``download_glue_data.py`` layout; ``train.tsv`` next to it gives the
+  few-shot examples when ``num_fewshot > 0``);
 - every task of lm-eval by its own name, unchanged (``piqa``, ``arc_easy``, ``hellaswag``, ``winogrande``, ...):
   these download their data from the Hugging Face Hub on first use (cached afterwards).
 
@@ -27,6 +30,8 @@ import csv
 import difflib
 import functools
 import os
+import random
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +47,7 @@ __all__ = [
     "LOCAL_TASKS",
     "TASKS_DIR",
     "check_arguments",
+    "completion_examples",
     "load_glue",
     "resolve_data_dir",
     "zero_shot",
@@ -61,9 +67,17 @@ _GLUE = {
     "prehab_rte": ("RTE", ("sentence1", "sentence2"), "label", {"entailment": 0, "not_entailment": 1}),
     "prehab_sst2": ("SST-2", ("sentence",), "label", {"0": 0, "1": 1}),
 }
+# Completion tasks: task -> (GLUE folder, the two sentence columns of each pair).
+_COMPLETION = {"prehab_mrpc_completion": ("MRPC", ("#1 String", "#2 String"))}
+COMPLETION_CHOICES = 4
+"""Endings per example of the completion tasks: the sentence's own and three from other sentences."""
+COMPLETION_MIN_WORDS = 10
+"""Sentences shorter than this (in words, after detokenizing) give no completion example."""
 LOCAL_TASKS: dict[str, str] = {
     "prehab_rte": "GLUE RTE dev (277): premise + 'Question: <hypothesis> True or False?' -> True / False",
     "prehab_sst2": "GLUE SST-2 dev (872): sentence + 'Is this sentence positive or negative?' -> negative / positive",
+    "prehab_mrpc_completion": "GLUE MRPC dev sentences (news, 797): the first half of a sentence -> its own second "
+    "half among 4 (3 from other sentences, not its paraphrase); acc and acc_norm",
 }
 """The offline tasks shipped with prehab: name -> what it asks."""
 _METADATA_KEY = "prehab_data_dir"  # how the resolved data_dir reaches the task YAMLs' custom_dataset loaders
@@ -128,7 +142,7 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
 
 def _glue_dir(task: str, data_dir: Path) -> Path:
     """The GLUE task folder of a local task: ``<data_dir>/glue/<TASK>`` or ``<data_dir>/<TASK>``."""
-    folder = _GLUE[task][0]
+    folder = _GLUE[task][0] if task in _GLUE else _COMPLETION[task][0]
     candidates = [data_dir / "glue" / folder, data_dir / folder]
     for candidate in candidates:
         if (candidate / "dev.tsv").is_file():
@@ -140,11 +154,15 @@ def _glue_dir(task: str, data_dir: Path) -> Path:
     )
 
 
-def _read_tsv(path: Path, task: str) -> dict[str, list[Any]]:
-    folder, text_columns, label_column, label_ids = _GLUE[task]
+def _tsv_rows(path: Path) -> tuple[list[str], list[list[str]]]:
     with path.open(encoding="utf-8-sig", newline="") as handle:
         rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
-    header, body = rows[0], rows[1:]
+    return rows[0], rows[1:]
+
+
+def _read_tsv(path: Path, task: str) -> dict[str, list[Any]]:
+    folder, text_columns, label_column, label_ids = _GLUE[task]
+    header, body = _tsv_rows(path)
     missing = [c for c in (*text_columns, label_column) if c not in header]
     if missing:
         raise ValueError(f"{path}: no column {missing} in the header {header}; expected the GLUE {folder} format.")
@@ -163,6 +181,85 @@ def _read_tsv(path: Path, task: str) -> dict[str, list[Any]]:
     return columns
 
 
+def _detokenize(text: str) -> str:
+    """GLUE's tokenized text (``doesn 't``, ``company 's``, ``growth .``) as plain English, so that the
+    completions read the way the models were trained on text."""
+    words, pending, opened = [], "", False
+    for word in text.split():
+        if word == '"' and not opened:  # an opening quote joins the next word, a closing one the last
+            pending = word
+        elif word == '"' and words:
+            words[-1] += word
+        else:
+            words.append(pending + word)
+            pending = ""
+        opened ^= word == '"'
+    text = re.sub(r" '(s|t|re|ve|ll|d|m)\b", r"'\1", " ".join(words + [pending] * bool(pending)))
+    text = re.sub(r" ([.,;:!?%)\]])", r"\1", text)
+    return re.sub(r"([(\[$]) ", r"\1", text)
+
+
+def completion_examples(
+    pairs: Sequence[tuple[str, str]], seed: int = 0, choices: int = COMPLETION_CHOICES
+) -> dict[str, list[Any]]:
+    """HellaSwag-style examples from sentence pairs: for every distinct sentence of at least
+    :data:`COMPLETION_MIN_WORDS` words, ``context`` is its first half (in words), ``endings`` its own second half
+    and ``choices − 1`` second halves of other sentences, ``label`` where its own ending is.
+
+    The other endings are drawn (seeded by ``seed`` and the sentence's position: the same examples on every run)
+    from the ``4 · choices`` sentences closest in ending length, never from a sentence it is paired with (MRPC's
+    pairs are often paraphrases, whose ending would fit as well). Columns ``context``, ``endings``, ``label``.
+    """
+    sentences: list[str] = []
+    index: dict[str, int] = {}
+    partners: dict[int, set[int]] = {}
+    for pair in pairs:
+        ids = []
+        for text in pair:
+            text = _detokenize(text)
+            if len(text.split()) >= COMPLETION_MIN_WORDS:
+                ids.append(index.setdefault(text, len(index)))
+                if ids[-1] == len(sentences):
+                    sentences.append(text)
+        for i in ids:
+            partners.setdefault(i, set()).update(ids)
+    if len(sentences) < 4 * choices + 1:
+        raise ValueError(f"completion tasks need more than {4 * choices} sentences of {COMPLETION_MIN_WORDS}+ words; "
+                         f"got {len(sentences)}.")
+    words = [s.split() for s in sentences]
+    cut = [len(w) // 2 for w in words]
+    contexts = [" ".join(w[:c]) for w, c in zip(words, cut, strict=True)]
+    endings = [" ".join(w[c:]) for w, c in zip(words, cut, strict=True)]
+    lengths = [len(w) - c for w, c in zip(words, cut, strict=True)]
+    columns: dict[str, list[Any]] = {"context": [], "endings": [], "label": []}
+    for i, context in enumerate(contexts):
+        rng = random.Random(seed * 1_000_003 + i)
+        others = [j for j in range(len(sentences)) if j not in partners[i] and endings[j] != endings[i]]
+        others.sort(key=lambda j: (abs(lengths[j] - lengths[i]), j))
+        picked = [endings[j] for j in rng.sample(others[: 4 * choices], choices - 1)]
+        label = rng.randrange(choices)
+        picked.insert(label, endings[i])
+        columns["context"].append(context)
+        columns["endings"].append(picked)
+        columns["label"].append(label)
+    return columns
+
+
+def _read_completion(path: Path, task: str) -> dict[str, list[Any]]:
+    folder, text_columns = _COMPLETION[task]
+    header, body = _tsv_rows(path)
+    missing = [c for c in text_columns if c not in header]
+    if missing:
+        raise ValueError(f"{path}: no column {missing} in the header {header}; expected the GLUE {folder} format.")
+    first, second = (header.index(c) for c in text_columns)
+    pairs = []
+    for number, row in enumerate(body, start=2):
+        if len(row) != len(header):
+            raise ValueError(f"{path}, line {number}: {len(row)} columns where the header has {len(header)}.")
+        pairs.append((row[first], row[second]))
+    return completion_examples(pairs)
+
+
 def load_glue(task: str, data_dir: str | os.PathLike | None = None, train: bool = True) -> Any:
     """The ``datasets.DatasetDict`` of a local task: ``validation`` (``dev.tsv``) and ``train`` (``train.tsv``; it
     only gives few-shot examples, and is empty when the file is absent or ``train`` is False).
@@ -171,11 +268,12 @@ def load_glue(task: str, data_dir: str | os.PathLike | None = None, train: bool 
     """
     import datasets
 
-    if task not in _GLUE:
-        raise ValueError(f"task={task!r} is not a local task; local tasks: {sorted(_GLUE)}.")
+    if task not in LOCAL_TASKS:
+        raise ValueError(f"task={task!r} is not a local task; local tasks: {sorted(LOCAL_TASKS)}.")
     folder = _glue_dir(task, resolve_data_dir(data_dir))
-    validation = datasets.Dataset.from_dict(_read_tsv(folder / "dev.tsv", task))
-    rows = _read_tsv(folder / "train.tsv", task) if train and (folder / "train.tsv").is_file() else None
+    read = _read_tsv if task in _GLUE else _read_completion
+    validation = datasets.Dataset.from_dict(read(folder / "dev.tsv", task))
+    rows = read(folder / "train.tsv", task) if train and (folder / "train.tsv").is_file() else None
     rows = rows or {name: [] for name in validation.column_names}
     return datasets.DatasetDict(
         {"validation": validation, "train": datasets.Dataset.from_dict(rows, features=validation.features)}
@@ -306,8 +404,9 @@ def zero_shot(
             ``LowRankLinear`` layers; a ``PrehabModule``'s backbone is ``module.model``.
         tokenizer: its tokenizer (a ``PreTrainedTokenizerBase``; a name or folder is loaded by lm-eval). lm-eval
             gives it a pad token if it has none.
-        tasks: task names: the local ``prehab_rte`` / ``prehab_sst2`` (offline) and any lm-eval task, group or
-            tag by its lm-eval name (``piqa``, ``arc_easy``, ``hellaswag``, ``winogrande``, ...; data from the Hub).
+        tasks: task names: the local ``prehab_rte`` / ``prehab_sst2`` / ``prehab_mrpc_completion`` (offline) and
+            any lm-eval task, group or tag by its lm-eval name (``piqa``, ``arc_easy``, ``hellaswag``,
+            ``winogrande``, ...; data from the Hub).
         limit: examples per task (the first ones): None for all, an integer >= 1, or a fraction in (0, 1).
         batch_size: examples per forward pass, or ``"auto"`` (lm-eval searches the largest that fits).
         device: run on this device (``"cuda"``, ``"cpu"``, ...); default: where the model is.

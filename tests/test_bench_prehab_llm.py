@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -235,6 +236,29 @@ def test_a_new_out_without_a_sweep_fine_tunes_the_penalty_given_by_flag(tmp_path
     line = next(x for x in (out / "results.md").read_text().splitlines()
                 if x.startswith("| svd_llm+rehab | 0.4 | 2 | 2 |"))
     assert line.split(" | ")[5].startswith(f"{sum(quotients) / 2:.3f} [{min(quotients):.3f}, {max(quotients):.3f}]")
+
+    # zero-shot: a surgery-only model that was not saved is skipped, or compressed again with --zeroshot-compress
+    shutil.rmtree(out / "models" / "control-seed2" / "svd_llm-0.4")
+    shutil.rmtree(out / "models" / "control-seed2" / "svd_llm-0.4-rehab")
+    zeroshot_flags = ["--stages", "zeroshot", "--prehab", "tail:1:0.4", "--zeroshot-methods", "svd_llm",
+                      "svd_llm+rehab", "--zeroshot-tasks", "prehab_mrpc_completion", "--zeroshot-models", "control",
+                      "--zeroshot-ratios", "0.4"]
+    bench.main([*common, *zeroshot_flags])
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    zeroshot = {(r["model"], r["ratio"]): r for r in rows if r["stage"] == "zeroshot"}
+    assert set(zeroshot) == set()  # the 0.4 models are not saved any more; 0.2's are left out by --zeroshot-ratios
+    bench.main([*common, *zeroshot_flags, "--zeroshot-compress"])
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines()]
+    assert sorted(r["method"] for r in rows if r["stage"] == "zeroshot") == ["svd_llm", "svd_llm+rehab"]
+    again = next(r for r in rows if r["stage"] == "zeroshot" and r["model"] == "control-seed2" and r["ratio"] == 0.4)
+    table = next(r for r in rows if r["stage"] == "table" and r["model"] == "control-seed2" and r["ratio"] == 0.4
+                 and r["method"] == "svd_llm" and r["draw"] == 0)
+    assert again["recompressed"] and again["params"] == table["params"]
+    assert again["mean_relative_error"] == pytest.approx(table["mean_relative_error"], rel=1e-9)  # the same surgery
+    assert 0 <= again["prehab_mrpc_completion/acc"] <= 1 and 0 <= again["prehab_mrpc_completion/acc_norm"] <= 1
+    again = next(r for r in rows if r["stage"] == "zeroshot" and r["method"] == "svd_llm+rehab")
+    assert again["recompressed"] and again["wikitext2"] == pytest.approx(rehab[("control-seed2", 0)]["wikitext2"])
+    assert "prehab_mrpc_completion/acc_norm" in (out / "results.md").read_text()
 
 
 @pytest.mark.parametrize(

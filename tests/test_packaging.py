@@ -45,7 +45,8 @@ def test_wheel_imports_from_outside_the_repo(tmp_path):
     wheel = next(tmp_path.glob("prehab-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "prehab/callbacks/svd_llm.py" in names and "prehab/datamodules/__init__.py" in names
-    assert {"prehab/tasks/prehab_rte.yaml", "prehab/tasks/prehab_sst2.yaml", "prehab/tasks/loaders.py"} <= set(names)
+    assert {"prehab/tasks/prehab_rte.yaml", "prehab/tasks/prehab_sst2.yaml", "prehab/tasks/loaders.py",
+            "prehab/tasks/prehab_mrpc_completion.yaml"} <= set(names)
     assert not any(n.startswith(("callbacks/", "datamodules/", "tests/")) for n in names)  # no generic top-level names
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)

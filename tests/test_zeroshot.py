@@ -16,7 +16,7 @@ from tiny_text_assets import SHARED_DATA, tiny_llama, word_level_tokenizer
 from torch import nn
 
 from prehab.callbacks import SVD, ZeroShotEval
-from prehab.zeroshot import INSTALL_HINT, check_arguments, load_glue, zero_shot
+from prehab.zeroshot import INSTALL_HINT, check_arguments, completion_examples, load_glue, zero_shot
 
 GLUE = SHARED_DATA / "glue"
 needs_glue = pytest.mark.skipif(not GLUE.is_dir(), reason=f"shared GLUE data {GLUE} is absent")
@@ -146,6 +146,79 @@ def test_accuracy_matches_a_direct_log_likelihood_reference_on_a_compressed_mode
     expected, predictions = _reference_accuracy(model.eval(), tokenizer, list(docs))
     assert 0 < sum(predictions) < limit  # the reference does not pick one answer for every example
     assert results["prehab_rte"]["acc"] == pytest.approx(expected)
+
+
+def _sentence(i: int, words: int = 12) -> str:
+    return " ".join(f"w{i}x{k}" for k in range(words)) + " ."
+
+
+def test_completion_examples_keep_each_sentence_s_own_ending_and_never_its_partner_s():
+    # 30 pairs of distinct 12-word sentences, plus a duplicate pair and a pair whose second sentence is too short
+    pairs = [(_sentence(2 * i), _sentence(2 * i + 1)) for i in range(30)]
+    pairs += [pairs[0], (_sentence(99), "too short .")]
+    examples = completion_examples(pairs, seed=3)
+
+    sentences = [_sentence(i).replace(" .", ".") for i in range(60)] + [_sentence(99).replace(" .", ".")]
+    assert examples["context"] == [" ".join(s.split()[:6]) for s in sentences]  # deduplicated, short ones dropped
+    partner = {2 * i: 2 * i + 1 for i in range(30)} | {2 * i + 1: 2 * i for i in range(30)}
+    for i, (endings, label) in enumerate(zip(examples["endings"], examples["label"], strict=True)):
+        assert len(endings) == 4 == len(set(endings))
+        assert f"{examples['context'][i]} {endings[label]}" == sentences[i]  # its own ending, where label says
+        if i in partner:
+            assert not any(e.startswith(f"w{partner[i]}x") for e in endings)  # never the paraphrase's ending
+    assert len(set(examples["label"])) == 4  # the answer's position varies
+    assert completion_examples(pairs, seed=3) == examples  # the same examples on every run
+    assert completion_examples(pairs, seed=4)["endings"] != examples["endings"]
+    with pytest.raises(ValueError, match="need more than 16 sentences of 10"):
+        completion_examples(pairs[:8])
+
+
+@needs_glue
+def test_mrpc_completion_loads_offline_and_reads_as_plain_english():
+    task = load_glue("prehab_mrpc_completion", SHARED_DATA)
+    # 408 dev pairs -> 797 distinct sentences of 10+ words; train: 3668 pairs -> 6916
+    assert (task["validation"].num_rows, task["train"].num_rows) == (797, 6916)
+    first = task["validation"][0]
+    assert first["context"] == "He said the foodservice pie business"
+    assert first["endings"][first["label"]] == "doesn't fit the company's long-term growth strategy."
+    assert task["validation"][1]["context"].startswith('"The foodservice')  # quotes and contractions rejoined
+
+    pytest.importorskip("lm_eval")
+    from prehab.zeroshot import _prepare
+
+    manager = _prepare(["prehab_mrpc_completion"], SHARED_DATA)[1]
+    loaded = manager.load(["prehab_mrpc_completion"])["tasks"]["prehab_mrpc_completion"]
+    doc = loaded.validation_docs()[0]
+    assert loaded.doc_to_text(doc) == first["context"] and loaded.doc_to_choice(doc) == first["endings"]
+    assert loaded.doc_to_target(doc) == first["label"]
+
+
+@needs_glue
+def test_completion_accuracy_and_its_length_normalized_form_match_a_direct_reference():
+    pytest.importorskip("lm_eval")
+    rows = _glue_rows("MRPC")
+    news = word_level_tokenizer([r["#1 String"] + " " + r["#2 String"] for r in rows], vocab_size=512)
+    model = tiny_llama(len(news), seed=1)
+    limit = 10
+    task = "prehab_mrpc_completion"
+    results = zero_shot(model, news, [task], limit=limit, data_dir=SHARED_DATA)[task]
+
+    docs = list(load_glue("prehab_mrpc_completion", SHARED_DATA)["validation"].select(range(limit)))
+    plain, normalized = [], []
+    for doc in docs:
+        scores = []
+        for ending in doc["endings"]:
+            context_ids = news(doc["context"])["input_ids"]
+            ids = news(f"{doc['context']} {ending}")["input_ids"]
+            with torch.no_grad():
+                logprobs = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+            scores.append(sum(logprobs[i - 1, ids[i]].item() for i in range(len(context_ids), len(ids))))
+        # lm-eval's acc_norm: log-likelihood per character of the answer (HellaSwag's rule)
+        plain.append(max(range(4), key=lambda k: scores[k]) == doc["label"])
+        normalized.append(max(range(4), key=lambda k: scores[k] / len(doc["endings"][k])) == doc["label"])
+    assert results["acc"] == pytest.approx(sum(plain) / limit)
+    assert results["acc_norm"] == pytest.approx(sum(normalized) / limit)
+    assert plain != normalized  # the two rules disagree somewhere, so both are checked
 
 
 @needs_glue

@@ -14,3 +14,7 @@ def rte(prehab_data_dir=None, prehab_train_split=True, **metadata):
 
 def sst2(prehab_data_dir=None, prehab_train_split=True, **metadata):
     return load_glue("prehab_sst2", prehab_data_dir, train=prehab_train_split)
+
+
+def mrpc_completion(prehab_data_dir=None, prehab_train_split=True, **metadata):
+    return load_glue("prehab_mrpc_completion", prehab_data_dir, train=prehab_train_split)
