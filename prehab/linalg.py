@@ -483,14 +483,14 @@ def solver_output_error(
         raise ValueError("solver_output_error needs factors from solve_lowrank with a whitening covariance.")
     if dense is None and factors.cross is not None:
         raise ValueError("solver_output_error: pass dense (‖WX‖²) for factors solved with a cross term.")
-    w = weight.to(torch.float64)
-    up, down = (f.to(torch.float64) for f in (factors.up, factors.down))
+    up, down = (f.to(torch.float64) for f in (factors.up, factors.down))  # solve_lowrank's are float64 already
     cross_shift, whitening_shift = factors.cross_shift + shift, factors.damping + shift
-    if dense is None:
-        dense = factors.target_energy - whitening_shift * float(torch.linalg.vector_norm(w)) ** 2
+    if dense is None:  # the norm accumulated in float64 without a float64 copy of W (out x in)
+        norm = float(torch.linalg.vector_norm(weight, dtype=torch.float64))
+        dense = factors.target_energy - whitening_shift * norm**2
     error = dense - float(factors.singular_values.to(torch.float64).square().sum())
     if cross_shift:
-        error += 2.0 * cross_shift * _inner_with_optimum(w, up, down, factors)
+        error += 2.0 * cross_shift * _inner_with_optimum(weight, up, down, factors)
     if whitening_shift:
         # ‖up down‖² = tr(downᵀ Σ_r down) (up = U_r Σ_r^½ with orthonormal U_r): r x in work, not r² (out + in)
         error -= whitening_shift * _weighted_rows(factors.singular_values, down)
@@ -504,7 +504,7 @@ def _inner_with_optimum(w: Tensor, up: Tensor, down: Tensor, factors: LowRankFac
     ``out x in x r`` product a cross term needs."""
     if factors.cross is None:
         return _weighted_rows(factors.singular_values, down)
-    return float(((w @ down.mT) * up).sum())
+    return float(((w.to(torch.float64) @ down.mT) * up).sum())
 
 
 def _weighted_rows(singular_values: Tensor, down: Tensor) -> float:
