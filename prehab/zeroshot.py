@@ -231,12 +231,21 @@ def completion_examples(
     contexts = [" ".join(w[:c]) for w, c in zip(words, cut, strict=True)]
     endings = [" ".join(w[c:]) for w, c in zip(words, cut, strict=True)]
     lengths = [len(w) - c for w, c in zip(words, cut, strict=True)]
+    by_length: dict[int, list[int]] = {}
+    for j, length in enumerate(lengths):
+        by_length.setdefault(length, []).append(j)
+    longest = max(lengths)
     columns: dict[str, list[Any]] = {"context": [], "endings": [], "label": []}
     for i, context in enumerate(contexts):
         rng = random.Random(seed * 1_000_003 + i)
-        others = [j for j in range(len(sentences)) if j not in partners[i] and endings[j] != endings[i]]
-        others.sort(key=lambda j: (abs(lengths[j] - lengths[i]), j))
-        picked = [endings[j] for j in rng.sample(others[: 4 * choices], choices - 1)]
+        # the other sentences in order of (length difference, position), up to the pool's size
+        near: list[int] = []
+        for gap in range(longest + 1):
+            if len(near) >= 4 * choices:
+                break
+            ring = by_length.get(lengths[i] - gap, []) + (by_length.get(lengths[i] + gap, []) if gap else [])
+            near += [j for j in sorted(ring) if j not in partners[i] and endings[j] != endings[i]]
+        picked = [endings[j] for j in rng.sample(near[: 4 * choices], choices - 1)]
         label = rng.randrange(choices)
         picked.insert(label, endings[i])
         columns["context"].append(context)
