@@ -352,7 +352,7 @@ class Benchmark:
         A saved model is loaded; one that was not saved (``--save none``) is compressed (and rehab'd) again from
         the same calibration windows and rehab data when ``--zeroshot-compress`` is given, else skipped. Such a row
         says ``recompressed`` and carries a number to compare with its source row (surgery: the
-        ``mean_relative_error``; rehab: the WikiText-2 test perplexity)."""
+        ``mean_relative_error``; rehab: the WikiText-2 and PTB test perplexities)."""
         from prehab.lowrank import load_compressed
         from prehab.zeroshot import zero_shot
 
@@ -385,7 +385,8 @@ class Benchmark:
                     elif stage == "rehab" and self.args.zeroshot_compress:
                         base_method = source["method"].removesuffix("+ridge")
                         model = self.rehabbed(name, base_method, ratio, source.get("ridge", 0.0), 0)[0]
-                        extra = {"recompressed": True, "wikitext2": self.ppl(model, self.test)}
+                        extra = {"recompressed": True, "wikitext2": self.ppl(model, self.test),
+                                 "ptb": self.ppl(model, self.ptb)}
                     else:
                         continue
                 started = time.perf_counter()

@@ -258,6 +258,7 @@ def test_a_new_out_without_a_sweep_fine_tunes_the_penalty_given_by_flag(tmp_path
     assert 0 <= again["prehab_mrpc_completion/acc"] <= 1 and 0 <= again["prehab_mrpc_completion/acc_norm"] <= 1
     again = next(r for r in rows if r["stage"] == "zeroshot" and r["method"] == "svd_llm+rehab")
     assert again["recompressed"] and again["wikitext2"] == pytest.approx(rehab[("control-seed2", 0)]["wikitext2"])
+    assert again["ptb"] == pytest.approx(rehab[("control-seed2", 0)]["ptb"])  # the same surgery and rehab
     assert "prehab_mrpc_completion/acc_norm" in (out / "results.md").read_text()
 
 
