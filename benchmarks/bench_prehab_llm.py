@@ -23,8 +23,8 @@ resumes where it stopped (delete the file to start over):
 4. ``calibration``: SVD-LLM, AA-SVD and SAES-SVD (``--calibration-methods``) at 0.2 on the base model with
    ``--calibration-sizes`` windows, ``--draws`` calibration draws each.
 5. ``zeroshot``: zero-shot accuracy (``prehab.zeroshot``, lm-eval on the local tasks over GLUE files) of every
-   saved draw-0 model, and with ``--zeroshot-compress`` of the surgery-only ones that were not saved (needs
-   ``pip install 'prehab[zeroshot]'``).
+   saved draw-0 model, and with ``--zeroshot-compress`` of the ones that were not saved, compressed (and rehab'd)
+   again (needs ``pip install 'prehab[zeroshot]'``).
 6. ``diagnose`` (not run by default): per-layer relative output errors of SVD-LLM / AA-SVD (``--diagnose-methods``)
    on the base model at 0.2 with ``--diagnose-sizes`` calibration windows, on the calibration data and on new text
    (WikiText-2 test, PTB test), and each factorized weight's norm against the original's.

@@ -485,9 +485,8 @@ def solver_output_error(
         raise ValueError("solver_output_error: pass dense (‖WX‖²) for factors solved with a cross term.")
     up, down = (f.to(torch.float64) for f in (factors.up, factors.down))  # solve_lowrank's are float64 already
     cross_shift, whitening_shift = factors.cross_shift + shift, factors.damping + shift
-    if dense is None:  # the norm accumulated in float64 without a float64 copy of W (out x in)
-        norm = float(torch.linalg.vector_norm(weight, dtype=torch.float64))
-        dense = factors.target_energy - whitening_shift * norm**2
+    if dense is None:
+        dense = factors.target_energy - whitening_shift * _squared_norm(weight)
     error = dense - float(factors.singular_values.to(torch.float64).square().sum())
     if cross_shift:
         error += 2.0 * cross_shift * _inner_with_optimum(weight, up, down, factors)
@@ -505,6 +504,13 @@ def _inner_with_optimum(w: Tensor, up: Tensor, down: Tensor, factors: LowRankFac
     if factors.cross is None:
         return _weighted_rows(factors.singular_values, down)
     return float(((w.to(torch.float64) @ down.mT) * up).sum())
+
+
+def _squared_norm(matrix: Tensor, chunk_elements: int = 1 << 20) -> float:
+    """``‖matrix‖²`` accumulated in float64 a block of rows at a time: no float64 copy of a whole ``out x in``
+    weight (``vector_norm(..., dtype=float64)`` casts the whole input first)."""
+    rows = max(1, chunk_elements // max(1, matrix.shape[-1]))
+    return sum(float(matrix[i : i + rows].to(torch.float64).square().sum()) for i in range(0, matrix.shape[0], rows))
 
 
 def _weighted_rows(singular_values: Tensor, down: Tensor) -> float:

@@ -388,3 +388,11 @@ def test_all_finite_agrees_with_the_elementwise_test_on_8x6_matrices(dtype):
         assert all_finite(matrix) == bool(torch.isfinite(matrix).all()), name
     assert all_finite(cases["sum overflows"]) and not all_finite(cases["inf and -inf"])
     assert all_finite(torch.arange(48).reshape(8, 6))  # integers are always finite
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 12, 13, 10**6], ids=["row-by-row", "two-rows", "partial", "whole"])
+def test_squared_norm_by_row_blocks_equals_the_float64_sum(chunk_elements):
+    """The report's ‖W‖² goes a block of rows at a time (no float64 copy of W): the same float64 sum for any block,
+    a last block shorter than the others included (7 rows of 6)."""
+    w = torch.randn(7, 6, generator=torch.Generator().manual_seed(5)) * 1e3  # float32, as a model's weight
+    assert linalg._squared_norm(w, chunk_elements) == pytest.approx(float(w.double().square().sum()), rel=1e-15)
