@@ -914,8 +914,8 @@ def main(argv: list[str] | None = None) -> None:
     for flag in ("diagnose_sizes", "ridge_sizes", "calibration_sizes"):
         if any(n < 1 for n in getattr(args, flag)):
             parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} is invalid: use window counts >= 1.")
-    for flag in ("ratios", "two_stream_ratios", "sweep_ratios", "rehab_ratios", "ridge_ratios"):
-        if not all(0 < r < 1 for r in getattr(args, flag)):
+    for flag in ("ratios", "two_stream_ratios", "sweep_ratios", "rehab_ratios", "ridge_ratios", "zeroshot_ratios"):
+        if not all(0 < r < 1 for r in getattr(args, flag) or ()):
             parser.error(f"--{flag.replace('_', '-')} {getattr(args, flag)} is invalid: use fractions of the "
                          "parameters removed in (0, 1), e.g. 0.2 0.4.")
     if args.rehab_draws < 1:

@@ -210,6 +210,8 @@ def completion_examples(
     from the ``4 · choices`` sentences closest in ending length, never from a sentence it is paired with (MRPC's
     pairs are often paraphrases, whose ending would fit as well). Columns ``context``, ``endings``, ``label``.
     """
+    if not is_count(choices, 2):
+        raise ValueError(f"choices={choices!r} is invalid: use an integer >= 2 (the own ending and others).")
     sentences: list[str] = []
     index: dict[str, int] = {}
     partners: dict[int, set[int]] = {}

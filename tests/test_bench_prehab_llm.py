@@ -277,6 +277,8 @@ def test_a_new_out_without_a_sweep_fine_tunes_the_penalty_given_by_flag(tmp_path
         (["--diagnose-windows", "0"], "--diagnose-windows 0 is invalid"),
         (["--ridge-ratios", "0.2", "40"], "--ridge-ratios [0.2, 40.0] is invalid: use fractions"),
         (["--ratios", "0"], "--ratios [0.0] is invalid: use fractions"),
+        (["--zeroshot-ratios", "20"], "--zeroshot-ratios [20.0] is invalid: use fractions"),
+        (["--zeroshot-models", "prehab-seed1"], "argument --zeroshot-models: invalid choice: 'prehab-seed1'"),
         (["--ridge-models", "prehab-seed1"], "argument --ridge-models: invalid choice: 'prehab-seed1'"),
         (["--rehab-ridges", "aa_svd:0"], "--rehab-ridges 'aa_svd:0' is invalid: use METHOD:RIDGE"),
         (["--rehab-ridges", "aasvd:0.1"], "--rehab-ridges 'aasvd:0.1' is invalid: use METHOD:RIDGE"),

@@ -171,6 +171,10 @@ def test_completion_examples_keep_each_sentence_s_own_ending_and_never_its_partn
     assert completion_examples(pairs, seed=4)["endings"] != examples["endings"]
     with pytest.raises(ValueError, match="need more than 16 sentences of 10"):
         completion_examples(pairs[:8])
+    for bad in (1, 2.5, True):
+        with pytest.raises(ValueError, match=rf"choices={bad!r} is invalid: use an integer >= 2"):
+            completion_examples(pairs, choices=bad)
+    assert {len(e) for e in completion_examples(pairs, choices=2)["endings"]} == {2}
 
 
 @needs_glue
