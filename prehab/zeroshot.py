@@ -155,9 +155,14 @@ def _glue_dir(task: str, data_dir: Path) -> Path:
 
 
 def _tsv_rows(path: Path) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of a GLUE TSV file, every row as wide as the header."""
     with path.open(encoding="utf-8-sig", newline="") as handle:
         rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
-    return rows[0], rows[1:]
+    header = rows[0]
+    for number, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise ValueError(f"{path}, line {number}: {len(row)} columns where the header has {len(header)}.")
+    return header, rows[1:]
 
 
 def _read_tsv(path: Path, task: str) -> dict[str, list[Any]]:
@@ -170,8 +175,6 @@ def _read_tsv(path: Path, task: str) -> dict[str, list[Any]]:
     columns: dict[str, list[Any]] = {name: [] for name in text_columns}
     columns["label"] = []
     for number, row in enumerate(body, start=2):
-        if len(row) != len(header):
-            raise ValueError(f"{path}, line {number}: {len(row)} columns where the header has {len(header)}.")
         label = row[index[label_column]]
         if label not in label_ids:
             raise ValueError(f"{path}, line {number}: label {label!r} is not one of {sorted(label_ids)}.")
@@ -263,12 +266,7 @@ def _read_completion(path: Path, task: str) -> dict[str, list[Any]]:
     if missing:
         raise ValueError(f"{path}: no column {missing} in the header {header}; expected the GLUE {folder} format.")
     first, second = (header.index(c) for c in text_columns)
-    pairs = []
-    for number, row in enumerate(body, start=2):
-        if len(row) != len(header):
-            raise ValueError(f"{path}, line {number}: {len(row)} columns where the header has {len(header)}.")
-        pairs.append((row[first], row[second]))
-    return completion_examples(pairs)
+    return completion_examples([(row[first], row[second]) for row in body])
 
 
 def load_glue(task: str, data_dir: str | os.PathLike | None = None, train: bool = True) -> Any:

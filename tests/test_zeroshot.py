@@ -393,3 +393,11 @@ def test_callback_without_a_tokenizer_fails_at_fit_start():
     with pytest.raises(ValueError, match="ZeroShotEval found no tokenizer: pass tokenizer="):
         trainer.fit(TinyModule("llama"), train_dataloaders=loader_for("llama", n=8))
     assert trainer.global_step == 0 and callback.results == {}
+
+
+@pytest.mark.parametrize(("task", "folder"), [("prehab_rte", "RTE"), ("prehab_mrpc_completion", "MRPC")])
+def test_a_row_narrower_than_the_header_is_named_by_line(tmp_path, task, folder):
+    (tmp_path / "glue" / folder).mkdir(parents=True)
+    (tmp_path / "glue" / folder / "dev.tsv").write_text("a\tb\tc\n1\t2\t3\n1\t2\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"dev.tsv, line 3: 2 columns where the header has 3"):
+        load_glue(task, tmp_path, train=False)
