@@ -13,10 +13,12 @@ resumes where it stopped (delete the file to start over):
    windows of WikiText-2 **valid**, compress with SVD-LLM at ``--sweep-ratios`` (calibration draw 0), and score
    on the last ``--heldout-windows`` windows of valid, which no candidate trained on. The candidate with the
    lowest mean held-out perplexity over the sweep ratios becomes "prehab"; λ = 0 is the "control". No test split
-   is looked at to choose.
+   is looked at to choose. The step count is swept by running this stage with ``--steps S`` into one OUT per S
+   (every candidate and the control fine-tuned for S steps; RESULTS.md §7, "Session 20").
 2. ``table``: models base (the pretrained model, no fine-tune), prehab, control; methods SVD-LLM (every ratio),
    SAES-SVD and AA-SVD (``--two-stream-ratios``; AA-SVD on base only unless ``--aa-all``); ``--draws`` calibration
-   draws (the same windows for every model and method), WikiText-2 test and PTB test perplexity.
+   draws (the same windows for every model and method), WikiText-2 test and PTB test perplexity; ``--table-models``
+   limits the models (e.g. ``control prehab`` for a new step count: surgery alone does not depend on it).
 3. ``rehab``: LoRA rehab on Alpaca (the config's LoRARehab settings) after SVD-LLM and SAES-SVD
    (``--rehab-methods``; ``--rehab-ridges aa_svd:0.1`` for a surgery with the callback's ridge) at
    ``--rehab-ratios``, calibration draw 0, for every model.
@@ -326,16 +328,18 @@ class Benchmark:
 
     def table(self) -> None:
         names = self.seed_models()
-        for label in MODEL_ORDER:
+        models = [label for label in MODEL_ORDER if label in self.args.table_models]
+        for label in models:
             self.dense_row(names[label], "test")
         methods = self.args.table_methods
+        aa_models = [label for label in models if self.args.aa_all or label == "base"]
         # cheapest first, so an interrupted run has whole draws of SVD-LLM
         for draw in range(self.args.first_draw, self.args.draws):
-            for label in MODEL_ORDER if "svd_llm" in methods else ():
+            for label in models if "svd_llm" in methods else ():
                 self.surgery_rows(names[label], "svd_llm", self.args.ratios, draw)
-            for label in MODEL_ORDER if "saes_svd" in methods else ():
+            for label in models if "saes_svd" in methods else ():
                 self.surgery_rows(names[label], "saes_svd", self.args.two_stream_ratios, draw)
-            for label in (MODEL_ORDER if self.args.aa_all else ("base",)) if "aa_svd" in methods else ():
+            for label in aa_models if "aa_svd" in methods else ():
                 self.surgery_rows(names[label], "aa_svd", self.args.two_stream_ratios, draw)
 
     def rehab(self) -> None:
@@ -774,11 +778,15 @@ def plot(rows: list[dict[str, Any]], prehab: str | None, path: Path) -> None:
         return
     plt = pyplot()
     methods = [m for m in ("svd_llm", "saes_svd") if any(r["method"] == m for r in table)]
+    # the first fine-tune seed with table rows (an OUT may hold only a later seed's models)
+    present = {r["model"] for r in table}
+    names = [("control", prehab)] + [(f"control-seed{s}", f"{prehab}-seed{s}") for s in finetune_seeds(rows, prehab)]
+    control, prehab = next((pair for pair in names if set(pair) & present), names[0])
     figure, axes = plt.subplots(len(methods), 2, figsize=(10, 3.6 * len(methods)), squeeze=False)
     for row_index, method in enumerate(methods):
         for col, (metric, title) in enumerate((("wikitext2", "WikiText-2 test"), ("ptb", "PTB test"))):
             axis = axes[row_index][col]
-            for model, style in (("base", "o-"), ("control", "s--"), (prehab, "^-")):
+            for model, style in (("base", "o-"), (control, "s--"), (prehab, "^-")):
                 picked = [r for r in table if r["model"] == model and r["method"] == method]
                 ratios = sorted({r["ratio"] for r in picked})
                 if not ratios:
@@ -789,13 +797,14 @@ def plot(rows: list[dict[str, Any]], prehab: str | None, path: Path) -> None:
                     means.append(statistics.fmean(values))
                     errors.append((max(values) - min(values)) / 2)
                 axis.errorbar(ratios, means, yerr=errors, fmt=style, capsize=3,
-                              label={"base": "surgery alone", "control": "λ = 0 fine-tune + surgery"}.get(
+                              label={"base": "surgery alone", control: f"λ = 0 fine-tune ({control}) + surgery"}.get(
                                   model, f"prehab ({model}) + surgery"))
             axis.set_yscale("log")
             axis.set_xlabel("fraction of block parameters removed")
             axis.set_ylabel("perplexity")
             axis.set_title(f"{method}: {title}")
-            axis.legend(fontsize=8)
+            if axis.get_legend_handles_labels()[0]:
+                axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -855,6 +864,9 @@ def main(argv: list[str] | None = None) -> None:
                              "sweep, e.g. a new fine-tune seed: tail:1:0.4 (default: OUT/chosen.json's)")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.4, 0.6])
     parser.add_argument("--table-methods", nargs="+", default=["svd_llm", "saes_svd", "aa_svd"], choices=METHODS)
+    parser.add_argument("--table-models", nargs="+", default=list(MODEL_ORDER), choices=MODEL_ORDER,
+                        help="models of the table stage (e.g. control prehab: the paired rows only, when surgery "
+                             "alone's rows exist elsewhere)")
     parser.add_argument("--rehab-methods", nargs="+", default=["svd_llm", "saes_svd"], choices=METHODS)
     parser.add_argument("--two-stream-ratios", type=float, nargs="+", default=[0.2, 0.4])
     parser.add_argument("--sweep-ratios", type=float, nargs="+", default=[0.2, 0.4])

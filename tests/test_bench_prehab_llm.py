@@ -220,6 +220,12 @@ def test_a_new_out_without_a_sweep_fine_tunes_the_penalty_given_by_flag(tmp_path
     assert "| svd_llm | 0.4 | 2 | 2 |" in (out / "results.md").read_text()  # prehab / control, paired
     with pytest.raises(SystemExit, match="differs from .*chosen.json's tail-1-r0.4"):
         bench.main([*flags, "--prehab", "stable_rank:0.1"])
+    # the paired models only (surgery alone's rows left out), in a new OUT
+    paired = tmp_path / "paired"
+    bench.main([*flags, "--out", str(paired), "--prehab", "tail:1:0.4", "--table-models", "control", "prehab"])
+    rows = [json.loads(line) for line in (paired / "rows.jsonl").read_text().splitlines()]
+    assert {r["model"] for r in rows} == {"control-seed2", "tail-1-r0.4-seed2"}
+    assert {r["draw"] for r in rows if r["method"] == "svd_llm"} == {0, 1}
     # rehab on two calibration draws: one row per draw, paired by draw, only draw 0 saved
     rehab_flags = ["--stages", "rehab", "--rehab-methods", "svd_llm", "--rehab-ratios", "0.4", "--rehab-draws", "2"]
     rehab_flags += ["--prehab", "tail:1:0.4", "--rehab-models", "control", "prehab"]
@@ -269,6 +275,7 @@ def test_a_new_out_without_a_sweep_fine_tunes_the_penalty_given_by_flag(tmp_path
         (["--rehab-draws", "0"], "--rehab-draws 0 is invalid"),
         (["--ridge-size-draws", "0"], "--ridge-size-draws 0 is invalid"),
         (["--rehab-models", "prehab-seed2"], "argument --rehab-models: invalid choice: 'prehab-seed2'"),
+        (["--table-models", "surgery"], "argument --table-models: invalid choice: 'surgery'"),
         (["--finetune-seed", "-1"], "--finetune-seed -1 is invalid: use 0"),
         (["--zeroshot-methods", "svd-llm"], "argument --zeroshot-methods: invalid choice: 'svd-llm'"),
         (["--ridges", "0", "-0.1"], "--ridges 0.0 -0.1 is invalid: use numbers >= 0"),
