@@ -725,6 +725,12 @@ def finetune_seeds(rows: list[dict[str, Any]], prehab: str | None) -> list[int]:
     return sorted(s for s in seeds if f"{prehab}-seed{s}" in models)
 
 
+def seed_pairs(rows: list[dict[str, Any]], prehab: str | None) -> list[tuple[int, str | None, str]]:
+    """(fine-tune seed, prehab model, control model) for seed 0 and every later seed with rows of both models."""
+    return [(0, prehab, "control")] + [
+        (seed, f"{prehab}-seed{seed}", f"control-seed{seed}") for seed in finetune_seeds(rows, prehab)]
+
+
 def paired_lines(rows: list[dict[str, Any]], prehab: str | None) -> list[str]:
     """Prehab's perplexity divided by the control's (and by surgery alone's) on the same calibration draw:
     the draws move every model alike, so the per-draw ratio is what tells the penalty's effect apart. One line
@@ -741,8 +747,7 @@ def paired_lines(rows: list[dict[str, Any]], prehab: str | None) -> list[str]:
               "| method | ratio | fine-tune seed | draws | WikiText-2 vs control | PTB vs control | "
               "WikiText-2 vs surgery alone | PTB vs surgery alone |", "|---|---|---|---|---|---|---|---|"]
     lines = list(header)
-    seeds = [(0, prehab, "control")] + [
-        (seed, f"{prehab}-seed{seed}", f"control-seed{seed}") for seed in finetune_seeds(rows, prehab)]
+    seeds = seed_pairs(rows, prehab)
     columns = [(other, metric) for other in ("control", "base") for metric in ("wikitext2", "ptb")]
 
     def quotients(model: str, other: str, method: str, ratio: float, metric: str) -> list[float]:
@@ -780,8 +785,8 @@ def plot(rows: list[dict[str, Any]], prehab: str | None, path: Path) -> None:
     methods = [m for m in ("svd_llm", "saes_svd") if any(r["method"] == m for r in table)]
     # the first fine-tune seed with table rows (an OUT may hold only a later seed's models)
     present = {r["model"] for r in table}
-    names = [("control", prehab)] + [(f"control-seed{s}", f"{prehab}-seed{s}") for s in finetune_seeds(rows, prehab)]
-    control, prehab = next((pair for pair in names if set(pair) & present), names[0])
+    pairs = seed_pairs(rows, prehab)
+    _, prehab, control = next((pair for pair in pairs if set(pair[1:]) & present), pairs[0])
     figure, axes = plt.subplots(len(methods), 2, figsize=(10, 3.6 * len(methods)), squeeze=False)
     for row_index, method in enumerate(methods):
         for col, (metric, title) in enumerate((("wikitext2", "WikiText-2 test"), ("ptb", "PTB test"))):
