@@ -21,7 +21,8 @@ resumes where it stopped (delete the file to start over):
    limits the models (e.g. ``control prehab`` for a new step count: surgery alone does not depend on it).
 3. ``rehab``: LoRA rehab on Alpaca (the config's LoRARehab settings) after SVD-LLM and SAES-SVD
    (``--rehab-methods``; ``--rehab-ridges aa_svd:0.1`` for a surgery with the callback's ridge) at
-   ``--rehab-ratios``, calibration draw 0, for every model.
+   ``--rehab-ratios``, calibration draws ``--first-draw`` to ``--rehab-draws`` − 1 (default: draw 0), for each of
+   ``--rehab-models`` (default: every model).
 4. ``calibration``: SVD-LLM, AA-SVD and SAES-SVD (``--calibration-methods``) at 0.2 on the base model with
    ``--calibration-sizes`` windows, ``--draws`` calibration draws each.
 5. ``zeroshot``: zero-shot accuracy (``prehab.zeroshot``, lm-eval on the local tasks over GLUE files) of every
